@@ -12,15 +12,22 @@ optimizer and schedule, training loop, command line.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import re
+import signal
+import sys
+import time
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
@@ -359,6 +366,20 @@ class GPT(nn.Module):
 _CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
+
+def sample_text(model: GPT, prompt: str, num_return_sequences: int = 4, max_new_tokens: int = 32,
+                top_k: int | None = 50, temperature: float = 1.0, seed: int = 42, device: str = "cpu",
+                use_cache: bool = True) -> list[str]:
+    """Sample completions of prompt; the same seed gives the same text."""
+    enc = get_tokenizer()
+    tokens = enc.encode(prompt, allowed_special={"<|endoftext|>"})
+    idx = torch.tensor(tokens, dtype=torch.long, device=device).unsqueeze(0).repeat(num_return_sequences, 1)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator,
+                         use_cache=use_cache)
+    return [enc.decode(row.tolist()) for row in out]
+
+
 # -----------------------------------------------------------------------------
 # Checkpoints: plain data only (tensors, dicts, lists, numbers, strings), so they load with
 # torch.load(weights_only=True); written to a temporary name and renamed, so never half-written.
@@ -480,3 +501,671 @@ def barrier() -> None:
 
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+# -----------------------------------------------------------------------------
+# Data: uint16 token shards (fineweb.py's format, and build-nanogpt's) or one .txt file.
+# A shard is read as consecutive windows of B*T+1 tokens (inputs and the next-token targets);
+# rank r takes window r of every group of world_size windows, so ranks never overlap and all
+# of them move to the next shard at the same step.
+
+TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+
+
+class TrainError(ValueError):
+    """Bad input or configuration: reported as one line before step 0."""
+
+
+def _download(url: str, path: Path) -> None:
+    import urllib.request
+
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
+            f.write(r.read())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def tokenize_text_file(path: Path, dist: Dist) -> np.ndarray:
+    """Tokens of a .txt file, cached beside it under a name that holds the text's hash (never stale)."""
+    if not path.exists() and path.name == "input.txt" and dist.master:
+        print(f"{path} not found: downloading tiny Shakespeare from {TINY_SHAKESPEARE_URL}")
+        try:
+            _download(TINY_SHAKESPEARE_URL, path)
+        except OSError as e:
+            raise TrainError(f"--data {path}: not found and the download failed ({e}); "
+                             f"put tiny Shakespeare there (offline machines: copy it by hand)") from e
+    barrier()
+    if not path.is_file():
+        raise TrainError(f"--data {path}: no such file or shard folder (run fineweb.py, or give a .txt file)")
+    raw = path.read_bytes()
+    cache = path.with_name(f"{path.name}.{hashlib.sha256(raw).hexdigest()[:16]}.gpt2.npy")
+    if not cache.exists() and dist.master:
+        tokens = np.array(get_tokenizer().encode_ordinary(raw.decode("utf-8")), dtype=np.uint16)
+        tmp = cache.with_name(f".{cache.name}.tmp{os.getpid()}")
+        with open(tmp, "wb") as f:
+            np.save(f, tokens)
+        os.replace(tmp, cache)
+    barrier()
+    return np.load(cache)
+
+
+def find_shards(data_dir: Path, split: str) -> list[Path]:
+    if not data_dir.is_dir():
+        raise TrainError(f"--data {data_dir}: no such folder: run `python fineweb.py` to build the shards "
+                         "(or pass --data input.txt)")
+    shards = sorted(p for p in data_dir.iterdir() if p.suffix == ".npy" and split in p.name)
+    if not shards:
+        raise TrainError(f"--data {data_dir}: no {split} shards (*{split}*.npy): run `python fineweb.py`")
+    return shards
+
+
+def open_shard(path: Path) -> np.ndarray:
+    """Memory-mapped: resident memory does not grow with the shard's size."""
+    try:
+        tokens = np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception as e:
+        raise TrainError(f"shard {path} is corrupt ({e}): delete it and rerun fineweb.py") from e
+    if tokens.dtype != np.uint16 or tokens.ndim != 1:
+        raise TrainError(f"shard {path} holds {tokens.dtype} of shape {tokens.shape}, expected 1-D uint16")
+    return tokens
+
+
+def check_tokens(name, tokens: np.ndarray, vocab_size: int, chunk: int = 1 << 24) -> None:
+    """Every token id < vocab_size, read in chunks so a 100M-token shard costs little memory."""
+    for i in range(0, len(tokens), chunk):
+        top = int(tokens[i:i + chunk].max(initial=0))
+        if top >= vocab_size:
+            raise TrainError(f"{name} holds token id {top} >= vocab size {vocab_size}: "
+                             "wrong tokenizer, or a larger --vocab-size is needed")
+
+
+class DataLoader:
+    """Windows of B*T+1 tokens over a list of shards (paths or in-memory arrays), DDP-aware.
+
+    Its position (epoch, shard, window group) is plain data: state_dict / load_state_dict.
+    --shuffle permutes the shard order per epoch and the window groups within each shard,
+    from the seed alone, so every rank computes the same plan and a checkpoint restores it.
+    """
+
+    def __init__(self, shards: list, B: int, T: int, rank: int = 0, world_size: int = 1,
+                 shuffle: bool = False, seed: int = 0, names: list[str] | None = None):
+        self.shards, self.B, self.T = shards, B, T
+        self.rank, self.world_size = rank, world_size
+        self.shuffle, self.seed = shuffle, seed
+        self.names = names or [f"shard {i}" for i in range(len(shards))]
+        self.lengths = [len(self._tokens(i)) for i in range(len(shards))]
+        self.groups = [(n - 1) // (B * T) // world_size for n in self.lengths]  # full groups per shard
+        if not any(self.groups):
+            need = B * T * world_size + 1
+            raise TrainError(f"{self.names[0]}{' ...' if len(shards) > 1 else ''}: every shard is shorter than "
+                             f"one step's {need} tokens (B={B} x T={T} x {world_size} ranks + 1): "
+                             "use a smaller --micro-batch-size / --seq-len")
+        self.reset()
+
+    def _tokens(self, i: int) -> np.ndarray:
+        s = self.shards[i]
+        return s if isinstance(s, np.ndarray) else open_shard(s)
+
+    def reset(self) -> None:
+        self.epoch, self.shard_pos, self.group_pos = 0, 0, 0
+        self._plan()
+
+    def _plan(self) -> None:
+        n = len(self.shards)
+        self.order = np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle else np.arange(n)
+        self._load_shard()
+
+    def _load_shard(self) -> None:
+        i = int(self.order[self.shard_pos])
+        self.tokens = self._tokens(i)
+        g = self.groups[i]
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        self.group_order = rng.permutation(g) if self.shuffle else np.arange(g)
+
+    def _advance_shard(self) -> None:
+        self.group_pos = 0
+        self.shard_pos += 1
+        if self.shard_pos == len(self.shards):
+            self.shard_pos, self.epoch = 0, self.epoch + 1
+            self._plan()
+        else:
+            self._load_shard()
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        while self.group_pos >= len(self.group_order):  # skips shards too short for a single group
+            self._advance_shard()
+        BT = self.B * self.T
+        window = int(self.group_order[self.group_pos]) * self.world_size + self.rank
+        buf = torch.from_numpy(self.tokens[window * BT: window * BT + BT + 1].astype(np.int64))
+        self.group_pos += 1
+        return buf[:-1].view(self.B, self.T), buf[1:].view(self.B, self.T)  # inputs, targets (B, T)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "shard_pos": self.shard_pos, "group_pos": self.group_pos,
+                "num_shards": len(self.shards), "B": self.B, "T": self.T, "world_size": self.world_size,
+                "shuffle": self.shuffle, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
+        for k in ("num_shards", "B", "T", "world_size", "shuffle", "seed"):
+            if state[k] != mine[k]:
+                raise TrainError(f"checkpoint's data loader had {k}={state[k]}, this run has {mine[k]}: "
+                                 "resume with the same data, batch shape, world size and --shuffle/--seed")
+        self.epoch, self.shard_pos = state["epoch"], state["shard_pos"]
+        self._plan()  # the epoch's shard order, then the shard at shard_pos with its window order
+        self.group_pos = state["group_pos"]
+
+
+def to_device(x: torch.Tensor, device: str) -> torch.Tensor:
+    if device.startswith("cuda"):
+        return x.pin_memory().to(device, non_blocking=True)  # the copy overlaps the previous step's work
+    return x.to(device)
+
+
+# -----------------------------------------------------------------------------
+# Optimizer and learning-rate schedule
+
+
+def configure_optimizer(model: nn.Module, weight_decay: float, lr: float, betas: tuple[float, float],
+                        eps: float, device_type: str) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices and embeddings (dim >= 2) only, never on biases and LayerNorms."""
+    params = [p for p in model.parameters() if p.requires_grad]  # tied weights appear once
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=device_type == "cuda")
+
+
+def get_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
+    """Linear warmup to max_lr, then cosine decay to min_lr at max_steps, then min_lr."""
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    if step > max_steps:
+        return min_lr
+    decay_ratio = (step - warmup_steps) / (max_steps - warmup_steps)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # 1 -> 0
+    return min_lr + coeff * (max_lr - min_lr)
+
+
+# -----------------------------------------------------------------------------
+# Training configuration: every field is a --kebab-case flag; its comment is the --help text.
+
+
+@dataclass
+class TrainConfig:
+    # data and output
+    data: str = "edu_fineweb10B"  # a shard folder from fineweb.py, or a .txt file (tokenized once, cached beside it)
+    val_fraction: float = 0.1  # .txt data only: the last fraction of its tokens is the validation split
+    log_dir: str = "log"  # log.txt and the checkpoints model_{step:05d}.pt
+    preset: str | None = None  # named defaults that other flags override: shakespeare (a small GPT on input.txt, CPU)
+    # model
+    init_from: str = "scratch"  # scratch, an HF name or folder (gpt2, gpt2-xl, path/), or one of our .pt checkpoints
+    n_layer: int = 12  # transformer blocks (scratch only)
+    n_head: int = 12  # attention heads (scratch only)
+    n_embd: int = 768  # embedding width (scratch only)
+    block_size: int = 1024  # the model's context length (scratch only)
+    vocab_size: int = 50304  # 50257 padded to a multiple of 128 for fast matmuls; padded rows learn to be unlikely
+    # batch: total = micro-batch x seq-len x GPUs x gradient-accumulation steps (computed)
+    total_batch_size: int = 524288  # tokens per optimizer step: 2**19, ~0.5M as GPT-3 small
+    micro_batch_size: int = 64  # sequences per forward pass per GPU; lower it if out of memory, the total stays
+    seq_len: int = 1024  # tokens per sequence (<= the model's block size)
+    # optimizer and schedule: GPT-3 small's
+    max_lr: float = 6e-4  # peak learning rate
+    min_lr_ratio: float = 0.1  # the cosine ends at this fraction of max-lr
+    warmup_steps: int = 715  # linear warmup: 375M tokens
+    max_steps: int = 19073  # 10B tokens / 2**19 tokens per step: one epoch of FineWeb-Edu sample-10BT
+    weight_decay: float = 0.1  # on matrices and embeddings only
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    eps: float = 1e-8  # AdamW epsilon
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0: no clipping)
+    # evaluation, logging and checkpoints
+    eval_interval: int = 250  # validation, HellaSwag and samples every this many steps and at the last; 0: none
+    val_steps: int = 20  # validation batches per evaluation, the same tokens every time
+    hellaswag: bool = True  # HellaSwag acc_norm at each evaluation (downloads the val set, or --hellaswag-file)
+    hellaswag_file: str | None = None  # a local hellaswag_val.jsonl, for offline machines
+    num_samples: int = 4  # samples printed at each evaluation, per rank
+    sample_tokens: int = 32  # new tokens per sample
+    prompt: str = "Hello, I'm a language model,"  # the samples' prompt
+    checkpoint_interval: int = 5000  # write a checkpoint every this many steps, and at the last step (0: last only)
+    resume: str | None = None  # continue a run: alone, the newest checkpoint in --log-dir; or a checkpoint's path
+    stop_after_step: int | None = None  # checkpoint and exit after this step, as if preempted (fixed-length jobs)
+    # system
+    device: str = "auto"  # auto (cuda:LOCAL_RANK, mps or cpu), or cpu, cuda, cuda:1, mps
+    dtype: str = "auto"  # autocast: bfloat16 or float32; auto is bfloat16 on CUDA, float32 elsewhere
+    compile: bool | None = None  # torch.compile the training step (default: on CUDA only)
+    seed: int = 1337  # model init and --shuffle
+    shuffle: bool = False  # permute shards and windows each epoch (default: in order, as the reference)
+
+
+PRESETS = {
+    # a few minutes on a 2-core laptop CPU: most of the compute is the 50304-wide output layer
+    "shakespeare": dict(
+        data="input.txt", log_dir="log_shakespeare", n_layer=4, n_head=4, n_embd=128, block_size=128,
+        total_batch_size=1024, micro_batch_size=8, seq_len=128, max_lr=3e-3, warmup_steps=10, max_steps=200,
+        eval_interval=50, val_steps=4, hellaswag=False, checkpoint_interval=100, num_samples=2,
+    ),
+}
+
+
+def _field_help(cls) -> dict[str, str]:
+    """The comment after each field of a dataclass: one source of truth for defaults and --help."""
+    import inspect
+
+    helps = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+): [^=]+= .*?  # (.*)$", line)
+        if m:
+            helps[m.group(1)] = m.group(2)
+    return helps
+
+
+def build_train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train_gpt2.py",
+        description="Train GPT-2. Subcommands: `train_gpt2.py sample --help`, `train_gpt2.py export --help`.",
+        epilog="Presets: " + "; ".join(f"{k}: {v}" for k, v in PRESETS.items()))
+    helps = _field_help(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        # unset flags stay unset, so a preset's values apply and explicit flags override them
+        kw = dict(help=f"{helps.get(f.name, '')} (default: {f.default})", default=argparse.SUPPRESS)
+        if f.type.startswith("bool"):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif f.name == "resume":
+            p.add_argument(flag, nargs="?", const="latest", metavar="CHECKPOINT", **kw)
+        elif f.name == "preset":
+            p.add_argument(flag, choices=sorted(PRESETS), **kw)
+        else:
+            kind = {"int": int, "float": float}.get(f.type.split(" |")[0], str)
+            p.add_argument(flag, type=kind, **kw)
+    return p
+
+
+def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
+    args = vars(build_train_parser().parse_args(argv))
+    preset = PRESETS.get(args.get("preset"), {})
+    return TrainConfig(**{**preset, **args})
+
+
+# -----------------------------------------------------------------------------
+# Training loop
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per GPU
+
+
+def peak_flops(device: str) -> float | None:
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def flops_per_token(model: GPT, T: int) -> int:
+    """6N for the matmuls with the parameters (forward + backward) + 6*L*C*T for attention."""
+    c = model.config
+    return 6 * model.num_parameters() + 6 * c.n_layer * c.n_embd * T
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+class StopSignal:
+    """SIGTERM / SIGINT (preemption, Ctrl-C) ask the loop to finish its step, checkpoint and exit.
+
+    A second signal stops at once.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint", flush=True)
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def config_differences(saved: dict, current: dict) -> str:
+    return ", ".join(f"{k}: checkpoint {saved.get(k)} vs this run {current.get(k)}"
+                     for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k))
+
+
+def build_model(cfg: TrainConfig, resume_ckpt: dict | None) -> GPT:
+    if resume_ckpt is not None:
+        saved_args = resume_ckpt.get("args", {})
+        if cfg.init_from == "scratch":
+            expected = dataclasses.asdict(GPTConfig(cfg.block_size, cfg.vocab_size, cfg.n_layer, cfg.n_head,
+                                                    cfg.n_embd))
+            diff = config_differences(resume_ckpt["config"], expected)
+            if diff:
+                raise TrainError(f"--resume: the checkpoint is another model shape ({diff}): "
+                                 "pass the flags (or --preset) of the run that wrote it")
+        elif saved_args.get("init_from") != cfg.init_from:
+            raise TrainError(f"--resume: the checkpoint's run had --init-from {saved_args.get('init_from')}, "
+                             f"this run {cfg.init_from}")
+        return model_from_checkpoint(resume_ckpt)
+    if cfg.init_from == "scratch":
+        return GPT(GPTConfig(cfg.block_size, cfg.vocab_size, cfg.n_layer, cfg.n_head, cfg.n_embd))
+    if cfg.init_from.endswith(".pt"):
+        return model_from_checkpoint(load_checkpoint(cfg.init_from))
+    return GPT.from_pretrained(cfg.init_from, vocab_size=cfg.vocab_size)
+
+
+def open_data(cfg: TrainConfig, dist: Dist, B: int, T: int, need_val: bool, vocab_size: int):
+    """Train and val loaders, every shard checked (format, token range) before step 0."""
+    data = Path(cfg.data)
+    if data.suffix == ".txt" or data.is_file():
+        tokens = tokenize_text_file(data, dist)
+        n_val = int(len(tokens) * cfg.val_fraction)
+        splits = {"train": [tokens[: len(tokens) - n_val]], "val": [tokens[len(tokens) - n_val:]]}
+        names = {k: [f"{data} ({k} split)"] for k in splits}
+    else:
+        splits = {"train": find_shards(data, "train"), "val": find_shards(data, "val") if need_val else []}
+        names = {k: [str(p) for p in v] for k, v in splits.items()}
+    # each rank checks its share of the shards; one bad shard stops every rank
+    all_names = names["train"] + names["val"]
+    all_shards = splits["train"] + splits["val"]
+    error = None
+    for name, shard in list(zip(all_names, all_shards))[dist.rank::dist.world_size]:
+        try:
+            check_tokens(name, shard if isinstance(shard, np.ndarray) else open_shard(shard), vocab_size)
+        except TrainError as e:
+            error = e
+            break
+    bad = all_reduce_sum(torch.tensor([float(error is not None)]))
+    if error is not None:
+        raise error
+    if bad.item() > 0:
+        raise TrainError("another rank found a bad shard (see its error above)")
+    kw = dict(rank=dist.rank, world_size=dist.world_size, seed=cfg.seed)
+    train_loader = DataLoader(splits["train"], B, T, shuffle=cfg.shuffle, names=names["train"], **kw)
+    val_loader = DataLoader(splits["val"], B, T, names=names["val"], **kw) if need_val else None
+    return train_loader, val_loader
+
+
+@torch.no_grad()
+def evaluate_loss(model, loader: DataLoader, steps: int, device: str, autocast) -> float:
+    """Mean loss over the same `steps` batches every time, averaged over ranks."""
+    loader.reset()
+    total = torch.zeros((), device=device)
+    for _ in range(steps):
+        x, y = loader.next_batch()
+        with autocast():
+            _, loss = model(to_device(x, device), to_device(y, device))
+        total += loss.detach().float() / steps
+    return all_reduce_sum(total).item() / max(1, _world_size())
+
+
+def _world_size() -> int:
+    import torch.distributed as tdist
+
+    return tdist.get_world_size() if tdist.is_initialized() else 1
+
+
+def _gather_rng_states(dist: Dist) -> list[dict]:
+    import torch.distributed as tdist
+
+    state = {"torch": torch.get_rng_state()}
+    if dist.device_type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(dist.device)
+    if not tdist.is_initialized() or dist.world_size == 1:
+        return [state]
+    states = [None] * dist.world_size
+    tdist.all_gather_object(states, state)
+    return states
+
+
+def train(cfg: TrainConfig, on_step=None) -> dict:
+    """Run training. on_step(step, stats) is called after every optimizer step (tests, notebooks)."""
+    dist = setup_distributed(cfg.device)
+    try:
+        return _train(cfg, dist, on_step)
+    finally:
+        teardown_distributed()
+
+
+def _train(cfg: TrainConfig, dist: Dist, on_step) -> dict:
+    from contextlib import nullcontext
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    log = (lambda *a: print(*a, flush=True)) if dist.master else (lambda *a: None)
+    device, device_type, ws = dist.device, dist.device_type, dist.world_size
+    torch.manual_seed(cfg.seed)
+    if device_type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls
+    B, T = cfg.micro_batch_size, cfg.seq_len
+
+    # ---- every check before step 0 ------------------------------------------------------
+    if cfg.total_batch_size % (B * T * ws):
+        raise TrainError(f"--total-batch-size {cfg.total_batch_size} is not divisible by micro-batch {B} x "
+                         f"seq-len {T} x {ws} ranks = {B * T * ws}: change one of them")
+    grad_accum = cfg.total_batch_size // (B * T * ws)
+    if cfg.dtype not in ("auto", "bfloat16", "float32"):
+        raise TrainError(f"--dtype {cfg.dtype}: use auto, bfloat16 or float32")
+    log_dir = Path(cfg.log_dir)
+    ckpt, ckpt_path = None, None
+    if cfg.resume:
+        ckpt_path = latest_checkpoint(log_dir) if cfg.resume == "latest" else Path(cfg.resume)
+        if ckpt_path is None:
+            raise TrainError(f"--resume: no checkpoint (model_*.pt) in {log_dir} to resume from")
+        if not ckpt_path.is_file():
+            raise TrainError(f"--resume {ckpt_path}: no such checkpoint")
+        ckpt = load_checkpoint(ckpt_path)
+    elif latest_checkpoint(log_dir) is not None:
+        raise TrainError(f"--log-dir {log_dir} holds checkpoints of an earlier run: add --resume to continue it, "
+                         "or use another --log-dir")
+    raw_model = build_model(cfg, ckpt)
+    if T > raw_model.config.block_size:
+        raise TrainError(f"--seq-len {T} exceeds the model's block size {raw_model.config.block_size}")
+    need_eval = cfg.eval_interval > 0
+    if need_eval and (cfg.hellaswag or cfg.num_samples > 0) and raw_model.config.vocab_size < GPT2_VOCAB_SIZE:
+        raise TrainError(f"vocab size {raw_model.config.vocab_size} < GPT-2's {GPT2_VOCAB_SIZE}: HellaSwag and "
+                         "samples need GPT-2 tokens; pass --no-hellaswag --num-samples 0")
+    train_loader, val_loader = open_data(cfg, dist, B, T, need_eval, raw_model.config.vocab_size)
+    hella_examples = None
+    if need_eval and cfg.hellaswag:
+        import hellaswag
+
+        try:
+            hella_examples = hellaswag.load_examples("val", data_file=cfg.hellaswag_file, dist=dist)
+        except (hellaswag.HellaSwagError, OSError) as e:
+            raise TrainError(f"HellaSwag data not obtainable ({e}): pass --hellaswag-file or --no-hellaswag") from e
+
+    # ---- model, optimizer, state --------------------------------------------------------
+    raw_model.to(device)
+    optimizer = configure_optimizer(raw_model, cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), cfg.eps,
+                                    device_type)
+    start_step, val_loss = 0, None
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        train_loader.load_state_dict(ckpt["loader"])
+        start_step, val_loss = ckpt["step"] + 1, ckpt.get("val_loss")
+        rng = ckpt["rng"][dist.rank] if len(ckpt["rng"]) == ws else ckpt["rng"][0]
+        torch.set_rng_state(rng["torch"])
+        if device_type == "cuda" and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"], device)
+        log(f"resuming from {ckpt_path} at step {start_step}")
+    use_compile = cfg.compile if cfg.compile is not None else device_type == "cuda"
+    # training runs through the compiled module; evaluation of other shapes (HellaSwag, sampling)
+    # runs through raw_model, eagerly, so it never triggers a recompile
+    compiled = torch.compile(raw_model) if use_compile else raw_model
+    model = DDP(compiled, device_ids=[dist.local_rank] if device_type == "cuda" else None) if ws > 1 else compiled
+    use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device_type == "cuda")
+    autocast = (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
+    fpt, peak = flops_per_token(raw_model, T), peak_flops(device)
+    min_lr = cfg.max_lr * cfg.min_lr_ratio
+
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / "log.txt"
+    if dist.master and ckpt is None:
+        log_path.write_text("")  # a fresh run starts a fresh log; a resumed one appends
+    log(f"{raw_model.num_parameters():,} parameters | {ws} rank(s) on {device} | grad accumulation {grad_accum} "
+        f"| {cfg.total_batch_size:,} tokens/step | compile {use_compile} | autocast {'bf16' if use_bf16 else 'off'}")
+
+    def write_log(step: int, **values) -> None:
+        if dist.master:
+            with open(log_path, "a") as f:
+                f.writelines(f"{step} {k} {v}\n" for k, v in values.items())
+
+    history = {"train": {}, "val": {}, "hella": {}, "checkpoints": []}
+    step = start_step - 1
+    with StopSignal() as stop:
+        for step in range(start_step, cfg.max_steps):
+            last_step = step == cfg.max_steps - 1
+
+            # ---- evaluation: validation loss, HellaSwag, samples ----------------------------
+            if need_eval and (step % cfg.eval_interval == 0 or last_step):
+                val_loss = evaluate_loss(compiled, val_loader, cfg.val_steps, device, autocast)
+                history["val"][step] = val_loss
+                log(f"step {step:5d} | validation loss {val_loss:.4f}")
+                write_log(step, val=f"{val_loss:.4f}")
+                if hella_examples is not None:
+                    res = hellaswag.evaluate(raw_model, hella_examples, device, rank=dist.rank, world_size=ws,
+                                             autocast_dtype=torch.bfloat16 if use_bf16 else None)
+                    history["hella"][step] = res["acc_norm"]
+                    log(f"step {step:5d} | HellaSwag {res['num_correct_norm']}/{res['num_total']} "
+                        f"acc_norm {res['acc_norm']:.4f}")
+                    write_log(step, hella=f"{res['acc_norm']:.4f}")
+                if cfg.num_samples > 0:
+                    for i, text in enumerate(sample_text(raw_model, cfg.prompt, cfg.num_samples, cfg.sample_tokens,
+                                                         seed=42 + dist.rank, device=device)):
+                        print(f"rank {dist.rank} sample {i}: {text}", flush=True)
+
+            # ---- one optimizer step over grad_accum micro-batches -----------------------------
+            t0 = time.time()
+            optimizer.zero_grad(set_to_none=True)
+            loss_accum = torch.zeros((), device=device)
+            for micro_step in range(grad_accum):
+                x, y = train_loader.next_batch()
+                x, y = to_device(x, device), to_device(y, device)
+                # DDP all-reduces gradients only on the last micro-step; the others accumulate locally
+                sync = ws == 1 or micro_step == grad_accum - 1
+                with nullcontext() if sync else model.no_sync():
+                    with autocast():
+                        _, loss = model(x, y)
+                    loss = loss / grad_accum  # the mean over the whole batch, not a sum of means
+                    loss_accum += loss.detach()
+                    loss.backward()
+            # one all-reduce carries the loss for logging and any rank's stop request
+            stop_flag = torch.tensor(float(stop.requested), device=device)
+            stats = all_reduce_sum(torch.stack([loss_accum.float(), stop_flag]))
+            loss_value, stop_now = stats[0].item() / ws, stats[1].item() > 0
+            if not math.isfinite(loss_value):
+                raise TrainingDiverged(f"loss is {loss_value} at step {step}: stopping; the last checkpoint "
+                                       f"({latest_checkpoint(log_dir) or 'none'}) is untouched")
+            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+            norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm).item()
+            lr = get_lr(step, cfg.max_lr, min_lr, cfg.warmup_steps, cfg.max_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.step()
+            if device_type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.time() - t0
+            tokens_per_sec = B * T * grad_accum * ws / dt
+            mfu = tokens_per_sec * fpt / peak / ws if peak else None
+            mfu_text = f"{100 * mfu:.1f}%" if mfu is not None else "-"
+            log(f"step {step:5d} | loss {loss_value:.6f} | lr {lr:.4e} | norm {norm:.4f} | dt {1000 * dt:.2f}ms "
+                f"| tok/sec {tokens_per_sec:,.0f} | mfu {mfu_text}")
+            write_log(step, train=f"{loss_value:.6f}", lr=f"{lr:.6e}", norm=f"{norm:.4f}",
+                      tokens_per_sec=f"{tokens_per_sec:.1f}", **({"mfu": f"{mfu:.4f}"} if mfu is not None else {}))
+            history["train"][step] = loss_value
+
+            # ---- checkpoint -----------------------------------------------------------------
+            stopping = stop_now or step == cfg.stop_after_step
+            periodic = cfg.checkpoint_interval > 0 and step > 0 and step % cfg.checkpoint_interval == 0
+            if last_step or periodic or stopping:
+                rng_states = _gather_rng_states(dist)  # a collective: every rank takes part
+                if dist.master:
+                    path = log_dir / f"model_{step:05d}.pt"
+                    save_checkpoint(path, {
+                        "model": raw_model.state_dict(), "config": dataclasses.asdict(raw_model.config),
+                        "optimizer": optimizer.state_dict(), "step": step, "val_loss": val_loss,
+                        "loader": train_loader.state_dict(), "rng": rng_states,
+                        "args": dataclasses.asdict(cfg), "world_size": ws,
+                    })
+                    history["checkpoints"].append(str(path))
+                    log(f"saved {path}")
+            if on_step is not None:  # after the checkpoint: a callback may inspect (or break) the model
+                on_step(step, {"loss": loss_value, "lr": lr, "norm": norm, "model": raw_model})
+            if stopping:
+                log(f"stopped after step {step}; continue with --resume")
+                break
+    history["step"] = step
+    history["val_loss"] = val_loss
+    return history
+
+
+# -----------------------------------------------------------------------------
+# Command line: train (default), sample, export
+
+
+def sample_main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="train_gpt2.py sample", description="Sample from a model.")
+    p.add_argument("-m", "--model", required=True, help="an HF name (gpt2, gpt2-xl), an HF folder, or our .pt")
+    p.add_argument("--prompt", default="Hello, I'm a language model,", help="text to continue")
+    p.add_argument("--num-return-sequences", type=int, default=4, help="samples to draw")
+    p.add_argument("--max-new-tokens", type=int, default=32,
+                   help="new tokens per sample; prompt + new tokens must fit the block size (no cropping)")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy decoding")
+    p.add_argument("--seed", type=int, default=42, help="the same seed gives the same text")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole prefix every token (slow)")
+    a = p.parse_args(argv)
+    device = default_device() if a.device == "auto" else a.device
+    model = load_model(a.model, device)
+    texts = sample_text(model, a.prompt, a.num_return_sequences, a.max_new_tokens, top_k=a.top_k or None,
+                        temperature=a.temperature, seed=a.seed, device=device, use_cache=not a.no_cache)
+    for i, text in enumerate(texts):
+        print(f"sample {i}: {text}")
+
+
+def export_main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="train_gpt2.py export",
+                                description="Write one of our checkpoints as a Hugging Face GPT2LMHeadModel folder.")
+    p.add_argument("checkpoint", help="a model_XXXXX.pt written by training")
+    p.add_argument("out_dir", help="folder for config.json + model.safetensors")
+    a = p.parse_args(argv)
+    model = load_model(a.checkpoint)
+    model.save_pretrained(a.out_dir)
+    print(f"wrote {a.out_dir}: load it with GPT2LMHeadModel.from_pretrained({a.out_dir!r})")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    commands = {"sample": sample_main, "export": export_main}
+    try:
+        if argv and argv[0] in commands:
+            commands[argv[0]](argv[1:])
+        else:
+            train(parse_train_args(argv))
+    except (TrainError, TokenizerError, FileNotFoundError, ValueError) as e:
+        print(f"train_gpt2.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except TrainingDiverged as e:
+        print(f"train_gpt2.py: error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
