@@ -1,0 +1,452 @@
+"""
+HellaSwag, completion style, batched and distributed: how this project compares itself with GPT-2 and GPT-3.
+
+    python hellaswag.py -m gpt2 -d cuda                               # OpenAI's GPT-2 124M, through the Hub
+    python hellaswag.py -m log/model_19072.pt                         # one of our checkpoints
+    python hellaswag.py -m hf_out/ --data-file hellaswag_val.jsonl    # a local HF folder, a local data file
+    torchrun --standalone --nproc_per_node=8 hellaswag.py -m gpt2-xl  # examples split over 8 GPUs
+
+Each example is a context and 4 endings; exactly one (`label`) is right. Every ending becomes a row
+`context tokens + tokens of " " + ending`, and the row's score is the cross-entropy of its ending tokens:
+summed over the ending it gives `acc`, averaged over the ending it gives `acc_norm` (the lowest loss is
+the prediction). Expected on the 10,042 validation examples:
+
+    gpt2     (124M)   acc 0.2859  acc_norm 0.2955
+    gpt2-xl  (1558M)  acc 0.3842  acc_norm 0.4893
+    GPT-3 Small (125M) reported acc_norm 0.337
+
+Speed: rows of many examples share one forward pass. Rows are sorted by length and right-padded;
+with causal attention a padding token sits after every real position, so it cannot change them.
+`evaluate_unbatched` is the one-example-per-forward loop that `evaluate` is tested against.
+
+Data: hellaswag_{train,val,test}.jsonl from rowanz/hellaswag, downloaded on first use into a cache
+folder (rank 0 only; the other ranks wait), or any local file with --data-file. HELLASWAG_URL overrides
+the download address (a template with {split}), e.g. for a mirror.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import shutil
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from train_gpt2 import all_reduce_sum, barrier, get_tokenizer, load_model, setup_distributed, teardown_distributed
+
+# -----------------------------------------------------------------------------
+# Data: download once into the cache, then validate every line (a bad line must fail loudly, with
+# its line number, not be scored as garbage)
+
+SPLITS = ("train", "val", "test")
+URL_TEMPLATE = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
+DATA_CACHE_DIR = Path(__file__).parent / "hellaswag"
+NUM_ENDINGS = 4
+
+
+class HellaSwagError(ValueError):
+    """Bad data, no data, or data the model cannot take. The message is one line, for the CLI."""
+
+
+def _one_line(msg) -> str:
+    return " ".join(str(msg).split())
+
+
+def data_url(split: str) -> str:
+    return os.environ.get("HELLASWAG_URL", URL_TEMPLATE).format(split=split)
+
+
+def download(url: str, dest: Path, timeout: float = 60.0) -> None:
+    """Fetch url into dest through a temporary file, so a half-written file is never taken for data."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as f:
+            shutil.copyfileobj(resp, f, 1 << 20)
+        os.replace(tmp, dest)
+    except (OSError, ValueError) as e:  # URLError/HTTPError/timeouts are OSErrors; a malformed URL is a ValueError
+        tmp.unlink(missing_ok=True)
+        raise HellaSwagError(f"could not download {url} ({_one_line(e)}): check the network connection, "
+                             "or pass --data-file PATH to a local hellaswag jsonl") from e
+    print(f"downloaded {url} to {dest} ({dest.stat().st_size / 1e6:.1f} MB)", file=sys.stderr)
+
+
+def _check_example(ex, where: str) -> dict:
+    if not isinstance(ex, dict):
+        raise HellaSwagError(f"{where}: expected a JSON object, got {type(ex).__name__}")
+    ctx = ex.get("ctx")
+    if not isinstance(ctx, str) or not ctx:
+        raise HellaSwagError(f"{where}: 'ctx' must be a non-empty string")
+    endings = ex.get("endings")
+    if not isinstance(endings, list) or len(endings) != NUM_ENDINGS:
+        got = f"{len(endings)} endings" if isinstance(endings, list) else f"'endings' = {_one_line(endings)[:40]}"
+        raise HellaSwagError(f"{where}: expected a list of {NUM_ENDINGS} endings, got {got}")
+    if not all(isinstance(e, str) for e in endings):
+        raise HellaSwagError(f"{where}: every ending must be a string")
+    label = ex.get("label")
+    if label is None:
+        raise HellaSwagError(f"{where}: no 'label' (the test split's labels are hidden: evaluate on val)")
+    if type(label) is not int or not 0 <= label < NUM_ENDINGS:  # bool is an int subclass: rejected too
+        raise HellaSwagError(f"{where}: label {_one_line(json.dumps(label))[:40]} is not an integer in 0..3")
+    return ex
+
+
+def read_examples(path) -> list[dict]:
+    """Parse and validate a hellaswag jsonl file (blank lines are skipped)."""
+    path = Path(path)
+    examples = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    ex = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise HellaSwagError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from e
+                examples.append(_check_example(ex, f"{path}:{lineno}"))
+    except FileNotFoundError as e:
+        raise HellaSwagError(f"data file {path} not found") from e
+    except UnicodeDecodeError as e:
+        raise HellaSwagError(f"{path}: not UTF-8 text ({_one_line(e)})") from e
+    if not examples:
+        raise HellaSwagError(f"{path}: no examples")
+    return examples
+
+
+def load_examples(split: str = "val", data_file=None, cache_dir=None, dist=None) -> list[dict]:
+    """All examples of a split (downloaded into cache_dir on first use) or of data_file, validated.
+
+    Under torchrun pass the Dist: rank 0 downloads while the others wait on a barrier. Every rank
+    reaches the barrier even when the download fails, so a failure is an error, never a hang.
+    """
+    if data_file is not None:
+        return read_examples(data_file)
+    if split not in SPLITS:
+        raise HellaSwagError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
+    path = Path(cache_dir if cache_dir is not None else DATA_CACHE_DIR) / f"hellaswag_{split}.jsonl"
+    master = dist is None or dist.master
+    failure = None
+    if master and not path.is_file():
+        try:
+            download(data_url(split), path)
+        except HellaSwagError as e:
+            failure = e
+    barrier()
+    if failure is not None:
+        raise failure
+    if not path.is_file():  # rank 0 failed: it says why; the others say what is missing
+        raise HellaSwagError(f"{path} is missing (rank 0 could not download it): pass --data-file PATH "
+                             "or check the network connection")
+    return read_examples(path)
+
+
+# -----------------------------------------------------------------------------
+# Rendering: an example -> 4 rows of tokens and a mask over each row's ending
+
+
+def _encode(example: dict, enc) -> tuple[list[int], list[list[int]]]:
+    ctx = enc.encode(example["ctx"])
+    # the space goes with the ending: GPT-2's BPE merges a leading space into the word's token
+    ends = [enc.encode(" " + e) for e in example["endings"]]
+    return ctx, ends
+
+
+def _collate(rows: list[list[int]], ctx_lens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token rows with 0 into (N, L); mask is 1 over each row's ending (after ctx_len)."""
+    lens = np.array([len(r) for r in rows], dtype=np.int64)  # (N,)
+    N, L = len(rows), int(lens.max())
+    flat = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=int(lens.sum()))
+    row_of = np.repeat(np.arange(N), lens)  # the row each flat token belongs to
+    col_of = np.arange(flat.size) - np.repeat(np.cumsum(lens) - lens, lens)  # its position in the row
+    tokens = np.zeros((N, L), dtype=np.int64)
+    tokens[row_of, col_of] = flat
+    pos = np.arange(L)[None, :]  # (1, L)
+    mask = (pos >= np.array(ctx_lens)[:, None]) & (pos < lens[:, None])  # (N, L)
+    return torch.from_numpy(tokens), torch.from_numpy(mask.astype(np.int64))
+
+
+def render_example(example: dict, enc=None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """tokens (4, L) and mask (4, L) LongTensors, right-padded with 0, and the label."""
+    ctx, ends = _encode(example, enc or get_tokenizer())
+    tokens, mask = _collate([ctx + e for e in ends], [len(ctx)] * len(ends))
+    return tokens, mask, example["label"]
+
+
+# -----------------------------------------------------------------------------
+# Scoring: the one place that turns logits into the per-row losses both evaluation paths compare
+
+
+def row_losses(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum and mean cross-entropy of each row's ending tokens: (N,), (N,), in fp32.
+
+    Position t predicts token t+1, so logits and mask shift against each other: the first scored
+    logit is the one at the last context token. logits are either (N, L, V), every position, or
+    (M, V), only the M scored positions in row-major order (what _scored_logits returns).
+    Cross-entropy uses the full logits row (padded vocab included, as in the reference), in fp32;
+    only scored positions are cast, to keep the fp32 copy small.
+    """
+    shift_tokens = tokens[:, 1:]  # (N, L-1)
+    shift_mask = mask[:, 1:].bool()  # (N, L-1)
+    if logits.dim() == 3:
+        logits = logits[:, :-1][shift_mask]  # (M, V)
+    losses = torch.zeros(shift_mask.shape, dtype=torch.float32, device=logits.device)  # (N, L-1)
+    losses[shift_mask] = F.cross_entropy(logits.float(), shift_tokens[shift_mask], reduction="none")
+    sum_loss = losses.sum(dim=1)  # (N,)
+    return sum_loss, sum_loss / shift_mask.sum(dim=1)
+
+
+def _logits(model, tokens: torch.Tensor, autocast_dtype) -> torch.Tensor:
+    device_type = tokens.device.type
+    with torch.autocast(device_type=device_type, dtype=autocast_dtype or torch.float32,
+                        enabled=autocast_dtype is not None):
+        out = model(tokens)
+    if isinstance(out, tuple):  # our GPT: (logits, loss)
+        out = out[0]
+    return getattr(out, "logits", out)  # a transformers model's output, or plain logits
+
+
+def _scored_logits(model, tokens: torch.Tensor, mask: torch.Tensor, autocast_dtype) -> torch.Tensor:
+    """Logits (M, V) at just the positions that score an ending token, when the model has an lm_head.
+
+    The output layer is a third of GPT-2 124M's matmul work per token and most of a small model's, yet
+    only the ending positions (a third of a row, or less) are scored: a pre-hook on lm_head hands it
+    just those hidden states. A model without an lm_head gives full (N, L, V) logits instead.
+    (Pass the plain model, not a torch.compile'd or DDP wrapper: the hook needs the real lm_head.)
+    """
+    head = getattr(model, "lm_head", None)
+    if not isinstance(head, torch.nn.Module):
+        return _logits(model, tokens, autocast_dtype)
+    keep = mask[:, 1:].bool()  # (N, L-1): position t scores token t+1
+
+    def pick(module, args):
+        x = args[0]
+        if x.dim() != 3 or x.shape[:2] != tokens.shape:  # not the final hidden states: leave it alone
+            return None
+        return (x[:, :-1][keep],) + tuple(args[1:])  # (M, C)
+
+    handle = head.register_forward_pre_hook(pick)
+    try:
+        return _logits(model, tokens, autocast_dtype)
+    finally:
+        handle.remove()
+
+
+def _block_size(model) -> int | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "block_size", None) or getattr(config, "n_positions", None)
+
+
+def _check_length(length: int, model, example: dict) -> None:
+    block_size = _block_size(model)
+    if block_size is not None and length > block_size:
+        raise HellaSwagError(f"example ind={example.get('ind', '?')}: a row of {length} tokens is longer than "
+                             f"the model's block_size={block_size}")
+
+
+def default_batch_size(device) -> int:
+    """Examples per forward: 64 (256 rows) fills a GPU; a CPU is faster with small batches, because
+    each scored position costs a vocab-sized logits row and big batches spill out of the caches."""
+    return 64 if torch.device(device).type == "cuda" else 4
+
+
+@torch.no_grad()
+def score_batched(model, examples: list[dict], device, batch_size: int | None = None, autocast_dtype=None,
+                  progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-ending sum and mean losses, (E, 4) each, on the CPU; batch_size examples' rows per forward.
+
+    All 4*E rows are sorted by length (longest first, so an out-of-memory shows at once) and cut into
+    batches of 4*batch_size rows: an example's rows may land in different batches, which is fine,
+    since rows never interact. Batches are built and moved to the device up front, and results stay
+    there until the end, so the loop is one forward + one scoring per batch, no per-example work.
+    """
+    batch_size = batch_size or default_batch_size(device)
+    if batch_size < 1:
+        raise HellaSwagError(f"batch_size must be >= 1, got {batch_size}")
+    device = torch.device(device)
+    enc = get_tokenizer()
+    rows, ctx_lens = [], []
+    for ex in examples:
+        ctx, ends = _encode(ex, enc)
+        _check_length(len(ctx) + max(len(e) for e in ends), model, ex)
+        for e in ends:
+            rows.append(ctx + e)
+            ctx_lens.append(len(ctx))
+    order = sorted(range(len(rows)), key=lambda r: -len(rows[r]))  # stable: ties keep example order
+    per_batch = NUM_ENDINGS * batch_size
+    batches = []
+    for start in range(0, len(order), per_batch):
+        ids = order[start:start + per_batch]
+        tokens, mask = _collate([rows[r] for r in ids], [ctx_lens[r] for r in ids])  # (n, L), (n, L)
+        batches.append(tuple(t.to(device) for t in (torch.tensor(ids), tokens, mask)))
+
+    sum_loss = torch.zeros(len(rows), dtype=torch.float32, device=device)  # (4E,) in example-major order
+    avg_loss = torch.zeros(len(rows), dtype=torch.float32, device=device)  # (4E,)
+    bar = _progress(len(rows), "row", progress)
+    for ids, tokens, mask in batches:
+        s, a = row_losses(_scored_logits(model, tokens, mask, autocast_dtype), tokens, mask)
+        sum_loss[ids], avg_loss[ids] = s, a
+        bar.update(len(ids))
+    bar.close()
+    return sum_loss.view(-1, NUM_ENDINGS).cpu(), avg_loss.view(-1, NUM_ENDINGS).cpu()
+
+
+@torch.no_grad()
+def score_unbatched(model, examples: list[dict], device, autocast_dtype=None,
+                    progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference loop: one example (its 4 rows) per forward. Same outputs as score_batched."""
+    device = torch.device(device)
+    enc = get_tokenizer()
+    sums, avgs = [], []
+    for ex in _progress_iter(examples, progress):
+        tokens, mask, _ = render_example(ex, enc)
+        _check_length(tokens.size(1), model, ex)
+        tokens, mask = tokens.to(device), mask.to(device)
+        s, a = row_losses(_logits(model, tokens, autocast_dtype), tokens, mask)
+        sums.append(s.cpu())
+        avgs.append(a.cpu())
+    if not sums:
+        return torch.zeros(0, NUM_ENDINGS), torch.zeros(0, NUM_ENDINGS)
+    return torch.stack(sums), torch.stack(avgs)
+
+
+def _progress(total: int, unit: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit=unit, desc="hellaswag", disable=not enabled, dynamic_ncols=True)
+
+
+def _progress_iter(items, enabled: bool):
+    bar = _progress(len(items), "ex", enabled)
+    for item in items:
+        yield item
+        bar.update(1)
+    bar.close()
+
+
+# -----------------------------------------------------------------------------
+# Evaluation: score this rank's share, count, sum the counts over ranks
+
+
+def _tally(sum_loss: torch.Tensor, avg_loss: torch.Tensor, examples: list[dict], device, world_size: int) -> dict:
+    labels = torch.tensor([ex["label"] for ex in examples], dtype=torch.long)  # (E,)
+    pred = sum_loss.argmin(dim=1)  # (E,) first lowest on ties, like the reference
+    pred_norm = avg_loss.argmin(dim=1)
+    counts = torch.tensor([len(examples), (pred == labels).sum().item(), (pred_norm == labels).sum().item()],
+                          dtype=torch.long, device=device)  # on the device: NCCL reduces CUDA tensors only
+    if world_size > 1:
+        all_reduce_sum(counts)
+    num_total, num_correct, num_correct_norm = counts.tolist()
+    return dict(num_total=num_total, num_correct=num_correct, num_correct_norm=num_correct_norm,
+                acc=num_correct / max(num_total, 1), acc_norm=num_correct_norm / max(num_total, 1))
+
+
+def evaluate(model, examples: list[dict], device, batch_size: int | None = None, rank: int = 0, world_size: int = 1,
+             autocast_dtype=None, progress: bool = False) -> dict:
+    """acc and acc_norm of model on examples: {num_total, num_correct, num_correct_norm, acc, acc_norm}.
+
+    batch_size counts examples: each forward pass holds 4*batch_size rows (of mixed examples);
+    None: 64 on CUDA, 4 on CPU (default_batch_size).
+    With world_size > 1, rank r scores examples r, r+world_size, ... and the counts are summed over
+    ranks, so every rank returns the totals. Every rank must call this (it all-reduces).
+    autocast_dtype=torch.bfloat16 wraps forwards in autocast; the losses are computed in fp32 either way.
+    """
+    mine = examples[rank::world_size]
+    was_training = getattr(model, "training", False)
+    model.eval()
+    try:
+        sum_loss, avg_loss = score_batched(model, mine, device, batch_size, autocast_dtype,
+                                           progress=progress and rank == 0)
+    finally:
+        model.train(was_training)
+    return _tally(sum_loss, avg_loss, mine, device, world_size)
+
+
+def evaluate_unbatched(model, examples: list[dict], device, rank: int = 0, world_size: int = 1,
+                       autocast_dtype=None, progress: bool = False) -> dict:
+    """evaluate() through the one-example-per-forward loop: the reference the batched path must equal."""
+    mine = examples[rank::world_size]
+    was_training = getattr(model, "training", False)
+    model.eval()
+    try:
+        sum_loss, avg_loss = score_unbatched(model, mine, device, autocast_dtype, progress=progress and rank == 0)
+    finally:
+        model.train(was_training)
+    return _tally(sum_loss, avg_loss, mine, device, world_size)
+
+
+# -----------------------------------------------------------------------------
+# Command line: one dataclass of settings; every field is a --kebab-case flag
+
+
+@dataclass
+class EvalConfig:
+    model: str = field(default="", metadata=dict(short="-m", required=True,
+                       help="HF name (gpt2, gpt2-xl, ...), a local HF folder, or one of our .pt checkpoints"))
+    device: str = field(default="auto", metadata=dict(short="-d", help="cuda / cuda:1 / cpu / mps; auto: "
+                                                      "cuda if available, else cpu (under torchrun: cuda:LOCAL_RANK)"))
+    batch_size: int = field(default=0, metadata=dict(help="examples per forward pass (4 rows each); "
+                                                     "0: 64 on cuda, 4 on cpu"))
+    limit: int = field(default=0, metadata=dict(help="evaluate only the first N examples (0: all)"))
+    data_file: str = field(default="", metadata=dict(help="a local hellaswag jsonl instead of the download"))
+    split: str = field(default="val", metadata=dict(choices=SPLITS, help="which file to download"))
+    dtype: str = field(default="auto", metadata=dict(choices=("auto", "float32", "bfloat16"),
+                       help="bfloat16 = autocast; auto: bfloat16 on cuda, float32 elsewhere"))
+    cache_dir: str = field(default=str(DATA_CACHE_DIR), metadata=dict(help="where downloads are kept"))
+
+
+def parse_args(argv=None) -> EvalConfig:
+    parser = argparse.ArgumentParser(prog="hellaswag.py", description="HellaSwag accuracy of a GPT-2 style model")
+    for f in fields(EvalConfig):
+        meta = dict(f.metadata)
+        flags = [meta.pop("short")] if "short" in meta else []
+        flags.append("--" + f.name.replace("_", "-"))
+        parser.add_argument(*flags, dest=f.name, type=type(f.default), default=f.default, **meta)
+    return EvalConfig(**vars(parser.parse_args(argv)))
+
+
+def main(argv=None) -> int:
+    cfg = parse_args(argv)
+    try:
+        if cfg.batch_size < 0 or cfg.limit < 0:
+            raise HellaSwagError("--batch-size and --limit must be >= 0")
+        if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+            raise HellaSwagError(f"device {cfg.device!r} asked for, but CUDA is not available")
+        dist = setup_distributed(cfg.device)
+        examples = load_examples(cfg.split, cfg.data_file or None, cfg.cache_dir, dist)
+        if cfg.limit:
+            examples = examples[:cfg.limit]
+        model = load_model(cfg.model, dist.device)
+        dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if dist.device_type == "cuda" else "float32")
+        autocast_dtype = torch.bfloat16 if dtype == "bfloat16" else None
+        if dist.device_type == "cuda":
+            torch.set_float32_matmul_precision("high")  # TF32 for any fp32 matmul, as the reference
+        t0 = time.time()
+        res = evaluate(model, examples, dist.device, cfg.batch_size or None, dist.rank, dist.world_size,
+                       autocast_dtype, progress=dist.master)
+        dt = time.time() - t0
+        if dist.master:
+            print(f"{cfg.model} on {dist.device} x{dist.world_size} ({dtype}): num_total {res['num_total']} | "
+                  f"num_correct {res['num_correct']} | num_correct_norm {res['num_correct_norm']} | "
+                  f"{dt:.1f}s, {res['num_total'] / dt:.0f} examples/s")
+            print(f"hellaswag {cfg.split}: {res['num_total']} examples | acc {res['acc']:.4f} | "
+                  f"acc_norm {res['acc_norm']:.4f}")
+        return 0
+    except (HellaSwagError, OSError, ValueError, RuntimeError) as e:  # missing checkpoint, unknown model, OOM, ...
+        print(f"hellaswag.py: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    finally:
+        teardown_distributed()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
