@@ -359,7 +359,9 @@ def test_compile_with_eval_hellaswag_and_samples_does_not_recompile(shards, tmp_
     history = run(args, on_step)
     out = capsys.readouterr().out
     assert graphs[0] > 0, "the training step was not compiled"
-    assert graphs[6] == graphs[2], f"recompiled during the run: {graphs}"
+    # step 0 compiled the training step and the validation forward (no_grad); HellaSwag's and sampling's
+    # many shapes, had they gone through the compiled module, would each have added graphs
+    assert graphs[0] <= 2 and graphs[6] == graphs[0], f"compiled graphs by step: {graphs}"
     assert sorted(history["val"]) == [0, 2, 4, 6] and sorted(history["hella"]) == [0, 2, 4, 6]
     assert out.count("rank 0 sample 1: Hello, I'm a language model,") == 4
     log = (tmp_path / "r" / "log.txt").read_text()
