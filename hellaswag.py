@@ -27,7 +27,6 @@ the download address (a template with {split}), e.g. for a mirror.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import shutil
@@ -35,6 +34,7 @@ import sys
 import time
 import urllib.request
 from dataclasses import dataclass, field, fields
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -154,31 +154,53 @@ def load_examples(split: str = "val", data_file=None, cache_dir=None, dist=None)
 # Rendering: an example -> 4 rows of tokens and a mask over each row's ending
 
 
-def _encode(example: dict, enc) -> tuple[list[int], list[list[int]]]:
-    ctx = enc.encode(example["ctx"])
+@lru_cache(maxsize=1 << 16)
+def _encode_texts(enc, ctx: str, endings: tuple[str, ...]) -> tuple[np.ndarray, ...]:
+    """Tokens of the context and of each " " + ending, read-only arrays (cached: training evaluates
+    the same examples every few hundred steps, and tokenizing 10k examples takes about a second)."""
     # the space goes with the ending: GPT-2's BPE merges a leading space into the word's token
-    ends = [enc.encode(" " + e) for e in example["endings"]]
-    return ctx, ends
+    arrays = tuple(np.array(enc.encode(t), dtype=np.int64) for t in (ctx, *(" " + e for e in endings)))
+    for a in arrays:
+        a.flags.writeable = False
+    return arrays
 
 
-def _collate(rows: list[list[int]], ctx_lens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token rows with 0 into (N, L); mask is 1 over each row's ending (after ctx_len)."""
-    lens = np.array([len(r) for r in rows], dtype=np.int64)  # (N,)
-    N, L = len(rows), int(lens.max())
-    flat = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=int(lens.sum()))
-    row_of = np.repeat(np.arange(N), lens)  # the row each flat token belongs to
-    col_of = np.arange(flat.size) - np.repeat(np.cumsum(lens) - lens, lens)  # its position in the row
-    tokens = np.zeros((N, L), dtype=np.int64)
-    tokens[row_of, col_of] = flat
-    pos = np.arange(L)[None, :]  # (1, L)
-    mask = (pos >= np.array(ctx_lens)[:, None]) & (pos < lens[:, None])  # (N, L)
-    return torch.from_numpy(tokens), torch.from_numpy(mask.astype(np.int64))
+class _Rows:
+    """The 4 rows (context + one ending) of every example, as segments of one flat token array.
+
+    Row 4*i + j is example i's context followed by its ending j; nothing is copied per row until
+    a batch is packed, so sorting and batching tens of thousands of rows is cheap numpy work.
+    """
+
+    def __init__(self, examples: list[dict], enc):
+        segs = [_encode_texts(enc, ex["ctx"], tuple(ex["endings"])) for ex in examples]
+        seg_len = np.array([[len(a) for a in sg] for sg in segs], dtype=np.int64).reshape(-1, 1 + NUM_ENDINGS)
+        seg_start = (np.cumsum(seg_len) - seg_len.reshape(-1)).reshape(seg_len.shape)  # (E, 5)
+        self.flat = np.concatenate([a for sg in segs for a in sg]) if segs else np.zeros(0, np.int64)
+        self.ctx_start = np.repeat(seg_start[:, 0], NUM_ENDINGS)  # (4E,)
+        self.ctx_len = np.repeat(seg_len[:, 0], NUM_ENDINGS)  # (4E,)
+        self.end_start = seg_start[:, 1:].reshape(-1)  # (4E,)
+        self.end_len = seg_len[:, 1:].reshape(-1)  # (4E,)
+        self.lens = self.ctx_len + self.end_len  # (4E,)
+
+    def pack(self, ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows ids right-padded with 0: tokens (n, L) and mask (n, L), 1 over each row's ending."""
+        ctx_len, lens = self.ctx_len[ids], self.lens[ids]  # (n,)
+        n, L = len(ids), int(lens.max())
+        row = np.repeat(np.arange(n), lens)  # the row of every real token
+        col = np.arange(row.size) - np.repeat(np.cumsum(lens) - lens, lens)  # and its position in the row
+        in_ctx = col < ctx_len[row]
+        src = np.where(in_ctx, self.ctx_start[ids][row] + col, self.end_start[ids][row] + col - ctx_len[row])
+        tokens = np.zeros((n, L), dtype=np.int64)
+        tokens[row, col] = self.flat[src]
+        mask = np.zeros((n, L), dtype=np.int64)
+        mask[row, col] = ~in_ctx
+        return torch.from_numpy(tokens), torch.from_numpy(mask)
 
 
 def render_example(example: dict, enc=None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """tokens (4, L) and mask (4, L) LongTensors, right-padded with 0, and the label."""
-    ctx, ends = _encode(example, enc or get_tokenizer())
-    tokens, mask = _collate([ctx + e for e in ends], [len(ctx)] * len(ends))
+    tokens, mask = _Rows([example], enc or get_tokenizer()).pack(np.arange(NUM_ENDINGS))
     return tokens, mask, example["label"]
 
 
@@ -246,11 +268,14 @@ def _block_size(model) -> int | None:
     return getattr(config, "block_size", None) or getattr(config, "n_positions", None)
 
 
-def _check_length(length: int, model, example: dict) -> None:
+def _check_lengths(lens: np.ndarray, model, examples: list[dict]) -> None:
+    """Error on the first example with a row (of lens, 4 per example) longer than the model's block_size."""
     block_size = _block_size(model)
-    if block_size is not None and length > block_size:
-        raise HellaSwagError(f"example ind={example.get('ind', '?')}: a row of {length} tokens is longer than "
-                             f"the model's block_size={block_size}")
+    if block_size is None or lens.size == 0 or lens.max() <= block_size:
+        return
+    r = int(np.argmax(lens > block_size))
+    raise HellaSwagError(f"example ind={examples[r // NUM_ENDINGS].get('ind', '?')}: a row of {lens[r]} tokens is "
+                         f"longer than the model's block_size={block_size}")
 
 
 def default_batch_size(device) -> int:
@@ -273,25 +298,19 @@ def score_batched(model, examples: list[dict], device, batch_size: int | None = 
     if batch_size < 1:
         raise HellaSwagError(f"batch_size must be >= 1, got {batch_size}")
     device = torch.device(device)
-    enc = get_tokenizer()
-    rows, ctx_lens = [], []
-    for ex in examples:
-        ctx, ends = _encode(ex, enc)
-        _check_length(len(ctx) + max(len(e) for e in ends), model, ex)
-        for e in ends:
-            rows.append(ctx + e)
-            ctx_lens.append(len(ctx))
-    order = sorted(range(len(rows)), key=lambda r: -len(rows[r]))  # stable: ties keep example order
+    rows = _Rows(examples, get_tokenizer())
+    _check_lengths(rows.lens, model, examples)
+    order = np.argsort(-rows.lens, kind="stable")  # longest first; ties keep example order
     per_batch = NUM_ENDINGS * batch_size
     batches = []
     for start in range(0, len(order), per_batch):
         ids = order[start:start + per_batch]
-        tokens, mask = _collate([rows[r] for r in ids], [ctx_lens[r] for r in ids])  # (n, L), (n, L)
-        batches.append(tuple(t.to(device) for t in (torch.tensor(ids), tokens, mask)))
+        tokens, mask = rows.pack(ids)  # (n, L), (n, L)
+        batches.append(tuple(t.to(device) for t in (torch.from_numpy(ids), tokens, mask)))
 
-    sum_loss = torch.zeros(len(rows), dtype=torch.float32, device=device)  # (4E,) in example-major order
-    avg_loss = torch.zeros(len(rows), dtype=torch.float32, device=device)  # (4E,)
-    bar = _progress(len(rows), "row", progress)
+    sum_loss = torch.zeros(len(order), dtype=torch.float32, device=device)  # (4E,) in example-major order
+    avg_loss = torch.zeros(len(order), dtype=torch.float32, device=device)  # (4E,)
+    bar = _progress(len(order), "row", progress)
     for ids, tokens, mask in batches:
         s, a = row_losses(_scored_logits(model, tokens, mask, autocast_dtype), tokens, mask)
         sum_loss[ids], avg_loss[ids] = s, a
@@ -309,7 +328,7 @@ def score_unbatched(model, examples: list[dict], device, autocast_dtype=None,
     sums, avgs = [], []
     for ex in _progress_iter(examples, progress):
         tokens, mask, _ = render_example(ex, enc)
-        _check_length(tokens.size(1), model, ex)
+        _check_lengths(np.array([tokens.size(1)]), model, [ex])
         tokens, mask = tokens.to(device), mask.to(device)
         s, a = row_losses(_logits(model, tokens, autocast_dtype), tokens, mask)
         sums.append(s.cpu())

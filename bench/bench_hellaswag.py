@@ -1,0 +1,152 @@
+"""
+HellaSwag speed: the batched evaluate() against the one-example-per-forward loop, same model, same data.
+
+    python bench/bench_hellaswag.py                                   # CPU: random 4-layer 256-wide GPT, 64 examples
+    python bench/bench_hellaswag.py -m gpt2 -d cuda --data-file hellaswag/hellaswag_val.jsonl -n 0 --batched-only
+
+Prints examples/s of each path (median of --repeats runs, the two paths interleaved so both see the
+same machine load), the ratio, and whether the two paths predict the same endings. On CUDA the clock
+stops after a synchronize, and forwards run under bf16 autocast unless --dtype float32.
+Without --data-file the examples are synthetic, with HellaSwag's shape: a third short ActivityNet-like
+contexts and endings, two thirds longer WikiHow-like ones (about 100 tokens per padded row, like the
+real validation set's ~4M tokens over 40k rows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: the modules live one level up
+
+import hellaswag as hs  # noqa: E402
+from train_gpt2 import GPT, GPTConfig, default_device, get_tokenizer, load_model  # noqa: E402
+
+# -----------------------------------------------------------------------------
+# Synthetic HellaSwag-shaped examples (random words: only the lengths matter for speed)
+
+WORDS = ("the a man woman boy girl dog people is are was starts begins continues then while after "
+         "running walking holding putting into onto on in of with and camera table kitchen water "
+         "ball bike rope paint brush shows you your should can will make sure before using it").split()
+
+
+def synthetic_examples(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+
+    def text(lo: int, hi: int) -> str:
+        words = [rng.choice(WORDS) for _ in range(rng.randint(lo, hi))]
+        return " ".join(words).capitalize() + "."
+
+    examples = []
+    for i in range(n):
+        if rng.random() < 1 / 3:  # ActivityNet-like: a sentence or two, short endings
+            ctx, ends = text(8, 35), [text(5, 25) for _ in range(4)]
+        else:  # WikiHow-like: a paragraph, long endings
+            ctx, ends = text(30, 110), [text(15, 55) for _ in range(4)]
+        examples.append(dict(ind=i, ctx=ctx, endings=ends, label=rng.randrange(4), split="val"))
+    return examples
+
+
+# -----------------------------------------------------------------------------
+# Timing
+
+
+def timed(fn, device) -> tuple[float, object]:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0, out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    p.add_argument("-m", "--model", default="", help="HF name / HF folder / our .pt checkpoint (default: random GPT)")
+    p.add_argument("--layers", type=int, default=4, help="random GPT: blocks")
+    p.add_argument("--width", type=int, default=256, help="random GPT: n_embd (n_head = width // 64)")
+    p.add_argument("--data-file", default="", help="a hellaswag jsonl (default: synthetic examples)")
+    p.add_argument("-n", "--num-examples", type=int, default=64, help="examples to time (0: all of --data-file)")
+    p.add_argument("-d", "--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="auto: bfloat16 autocast on cuda, float32 elsewhere")
+    p.add_argument("--batch-size", type=int, default=0,
+                   help="examples per forward of the batched path (0: hellaswag's default, 64 on cuda, 4 on cpu)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--batched-only", action="store_true", help="skip the slow loop (e.g. the full val set on a GPU)")
+    args = p.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(default_device() if args.device == "auto" else args.device)
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    autocast_dtype = torch.bfloat16 if dtype == "bfloat16" else None
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    print(f"device {device} ({name}) | torch {torch.__version__} | dtype {dtype}")
+
+    if args.model:
+        model = load_model(args.model, device)
+        what = args.model
+    else:
+        torch.manual_seed(0)
+        config = GPTConfig(block_size=1024, vocab_size=50304, n_layer=args.layers,
+                           n_head=max(1, args.width // 64), n_embd=args.width)
+        model = GPT(config).to(device).eval()
+        what = f"random GPT {args.layers}x{args.width}"
+    if args.data_file:
+        examples = hs.load_examples(data_file=args.data_file)
+        examples = examples[:args.num_examples] if args.num_examples else examples
+    else:
+        examples = synthetic_examples(args.num_examples or 64)
+    enc = get_tokenizer()
+    ctx = [len(enc.encode(ex["ctx"])) for ex in examples]
+    ends = [len(enc.encode(" " + e)) for ex in examples for e in ex["endings"]]
+    padded = sum(4 * (c + max(ends[4 * i:4 * i + 4])) for i, c in enumerate(ctx))
+    print(f"model {what} ({sum(q.numel() for q in model.parameters()) / 1e6:.1f}M params) | {len(examples)} examples"
+          f" | context {sum(ctx) / len(ctx):.1f} tokens, ending {sum(ends) / len(ends):.1f} tokens on average"
+          f" | {padded:,} tokens in one-at-a-time forwards, {sum(ends):,} scored")
+    args.batch_size = args.batch_size or hs.default_batch_size(device)
+
+    batched = lambda: hs.score_batched(model, examples, device, args.batch_size, autocast_dtype)
+    unbatched = lambda: hs.score_unbatched(model, examples, device, autocast_dtype)
+    # warm-up: allocator, kernels, lazy inits; not timed
+    hs.score_batched(model, examples[:8], device, args.batch_size, autocast_dtype)
+    hs.score_unbatched(model, examples[:2], device, autocast_dtype)
+
+    tb, tu = [], []
+    for r in range(args.repeats):
+        dt, (sum_b, avg_b) = timed(batched, device)
+        tb.append(dt)
+        line = f"repeat {r}: batched {len(examples) / dt:8.1f} ex/s"
+        if not args.batched_only:
+            dt, (sum_u, avg_u) = timed(unbatched, device)
+            tu.append(dt)
+            line += f" | one-at-a-time {len(examples) / dt:8.1f} ex/s"
+        print(line, flush=True)
+
+    eps_b = len(examples) / statistics.median(tb)
+    summary = f"batched: {eps_b:.1f} examples/s (batch {args.batch_size} examples)"
+    if tu:
+        eps_u = len(examples) / statistics.median(tu)
+        same = (sum_b.argmin(1) == sum_u.argmin(1)).float().mean().item()
+        same_norm = (avg_b.argmin(1) == avg_u.argmin(1)).float().mean().item()
+        summary += (f" | one-at-a-time: {eps_u:.1f} examples/s | speedup {eps_b / eps_u:.2f}x"
+                    f" | same predictions: acc {same:.0%}, acc_norm {same_norm:.0%}")
+    print(summary)
+
+
+if __name__ == "__main__":
+    main()
