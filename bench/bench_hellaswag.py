@@ -54,6 +54,18 @@ def synthetic_examples(n: int, seed: int = 0) -> list[dict]:
     return examples
 
 
+class FullLogits(torch.nn.Module):
+    """The model without a visible lm_head: hellaswag then scores from logits at every position."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+        self.config = model.config
+
+    def forward(self, idx):
+        return self.inner(idx)
+
+
 # -----------------------------------------------------------------------------
 # Timing
 
@@ -83,6 +95,8 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--batched-only", action="store_true", help="skip the slow loop (e.g. the full val set on a GPU)")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also time the batched path with logits at every position (packing alone, no lm_head trick)")
     args = p.parse_args(argv)
 
     if args.threads:
@@ -121,16 +135,22 @@ def main(argv=None) -> None:
     args.batch_size = args.batch_size or hs.default_batch_size(device)
 
     batched = lambda: hs.score_batched(model, examples, device, args.batch_size, autocast_dtype)
+    full = FullLogits(model)
+    batched_full = lambda: hs.score_batched(full, examples, device, args.batch_size, autocast_dtype)
     unbatched = lambda: hs.score_unbatched(model, examples, device, autocast_dtype)
     # warm-up: allocator, kernels, lazy inits; not timed
     hs.score_batched(model, examples[:8], device, args.batch_size, autocast_dtype)
     hs.score_unbatched(model, examples[:2], device, autocast_dtype)
 
-    tb, tu = [], []
+    tb, tu, tf = [], [], []
     for r in range(args.repeats):
         dt, (sum_b, avg_b) = timed(batched, device)
         tb.append(dt)
         line = f"repeat {r}: batched {len(examples) / dt:8.1f} ex/s"
+        if args.breakdown:
+            dt, _ = timed(batched_full, device)
+            tf.append(dt)
+            line += f" | batched, all-position logits {len(examples) / dt:8.1f} ex/s"
         if not args.batched_only:
             dt, (sum_u, avg_u) = timed(unbatched, device)
             tu.append(dt)
@@ -145,6 +165,8 @@ def main(argv=None) -> None:
         same_norm = (avg_b.argmin(1) == avg_u.argmin(1)).float().mean().item()
         summary += (f" | one-at-a-time: {eps_u:.1f} examples/s | speedup {eps_b / eps_u:.2f}x"
                     f" | same predictions: acc {same:.0%}, acc_norm {same_norm:.0%}")
+    if tf:
+        summary += f" | batched with all-position logits: {len(examples) / statistics.median(tf):.1f} examples/s"
     print(summary)
 
 
