@@ -449,6 +449,10 @@ def main(argv=None) -> int:
         autocast_dtype = torch.bfloat16 if dtype == "bfloat16" else None
         if dist.device_type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 for any fp32 matmul, as the reference
+        # start-up, kept out of the timing: the BPE tables, and a first forward (CUDA context, cuBLAS)
+        get_tokenizer()
+        with torch.no_grad():
+            _logits(model, torch.zeros(1, 8, dtype=torch.long, device=dist.device), autocast_dtype)
         t0 = time.time()
         res = evaluate(model, examples, dist.device, cfg.batch_size or None, dist.rank, dist.world_size,
                        autocast_dtype, progress=dist.master)

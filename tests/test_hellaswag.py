@@ -389,16 +389,23 @@ def _env():
     return os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 
-def test_torchrun_two_processes_give_the_same_totals(tmp_path, data_file):
+def test_torchrun_two_processes_give_the_same_totals(tmp_path, data_file, http_server):
     ckpt = checkpoint(tiny_gpt(seed=1), tmp_path / "model_00000.pt")
-    args = ["hellaswag.py", "-m", str(ckpt), "-d", "cpu", "--data-file", str(data_file), "--batch-size", "2",
+    args = ["hellaswag.py", "-m", str(ckpt), "-d", "cpu", "--batch-size", "2",
             "--limit", "11"]  # 11 examples: the ranks get 6 and 5
-    one = subprocess.run([sys.executable, *args], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    one = subprocess.run([sys.executable, *args, "--data-file", str(data_file)], cwd=REPO, env=_env(),
+                         capture_output=True, text=True, timeout=120)
     assert one.returncode == 0, one.stderr
     assert "row" in one.stderr  # the progress bar
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args],
-                         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=180)
+    # the 2-rank run downloads the data: rank 0 fetches it once into the empty cache, rank 1 waits
+    root, url, hits = http_server
+    write_jsonl(root / "hellaswag_val.jsonl")
+    cache = tmp_path / "cache"
+    env = _env() | {"HELLASWAG_URL": url + "/hellaswag_{split}.jsonl"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args,
+                          "--cache-dir", str(cache)], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert two.returncode == 0, two.stderr[-3000:]
+    assert hits == ["/hellaswag_val.jsonl"] and [p.name for p in cache.iterdir()] == ["hellaswag_val.jsonl"]
     assert "x2 " in two.stdout  # really ran as 2 ranks
     assert totals(one.stdout.strip().splitlines()) == totals(two.stdout.strip().splitlines())
     assert totals(one.stdout.strip().splitlines())[0] == 11
