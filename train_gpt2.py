@@ -241,7 +241,7 @@ class GPT(nn.Module):
         logits = self.lm_head(x)  # (B, T, vocab_size)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
     # -- Hugging Face interop --------------------------------------------------------------
@@ -313,12 +313,13 @@ class GPT(nn.Module):
         from transformers import GPT2Config
 
         vocab_size = vocab_size or self.default_export_vocab()
+        special = EOT_TOKEN if vocab_size > EOT_TOKEN else None  # <|endoftext|>, when the vocab has it
         cfg = self.config
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         hf_config = GPT2Config(vocab_size=vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
                                n_layer=cfg.n_layer, n_head=cfg.n_head, activation_function="gelu_new",
-                               bos_token_id=EOT_TOKEN, eos_token_id=EOT_TOKEN, tie_word_embeddings=True,
+                               bos_token_id=special, eos_token_id=special, tie_word_embeddings=True,
                                architectures=["GPT2LMHeadModel"])
         tmp = out_dir / f".model.safetensors.tmp{os.getpid()}"
         save_file(self.to_hf_state_dict(vocab_size), str(tmp), metadata={"format": "pt"})
@@ -353,7 +354,7 @@ class GPT(nn.Module):
                 nxt = logits.argmax(dim=-1, keepdim=True)
             else:
                 logits = logits / temperature
-                if top_k is not None:
+                if top_k:  # None or 0: every token
                     v, _ = torch.topk(logits, min(top_k, vocab))
                     logits[logits < v[:, [-1]]] = -float("inf")
                 probs = F.softmax(logits, dim=-1)
