@@ -43,7 +43,15 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from train_gpt2 import all_reduce_sum, barrier, get_tokenizer, load_model, setup_distributed, teardown_distributed
+from train_gpt2 import (
+    GPT,
+    all_reduce_sum,
+    barrier,
+    get_tokenizer,
+    load_model,
+    setup_distributed,
+    teardown_distributed,
+)
 
 # -----------------------------------------------------------------------------
 # Data: download once into the cache, then validate every line (a bad line must fail loudly, with
@@ -229,40 +237,28 @@ def row_losses(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -
     return sum_loss, sum_loss / shift_mask.sum(dim=1)
 
 
-def _logits(model, tokens: torch.Tensor, autocast_dtype) -> torch.Tensor:
+def _logits(model, tokens: torch.Tensor, autocast_dtype, logits_at=None) -> torch.Tensor:
     device_type = tokens.device.type
     with torch.autocast(device_type=device_type, dtype=autocast_dtype or torch.float32,
                         enabled=autocast_dtype is not None):
-        out = model(tokens)
+        out = model(tokens) if logits_at is None else model(tokens, logits_at=logits_at)
     if isinstance(out, tuple):  # our GPT: (logits, loss)
         out = out[0]
     return getattr(out, "logits", out)  # a transformers model's output, or plain logits
 
 
 def _scored_logits(model, tokens: torch.Tensor, mask: torch.Tensor, autocast_dtype) -> torch.Tensor:
-    """Logits (M, V) at just the positions that score an ending token, when the model has an lm_head.
+    """Logits (M, V) at just the positions that score an ending token, for our GPT.
 
     The output layer is a third of GPT-2 124M's matmul work per token and most of a small model's, yet
-    only the ending positions (a third of a row, or less) are scored: a pre-hook on lm_head hands it
-    just those hidden states. A model without an lm_head gives full (N, L, V) logits instead.
-    (Pass the plain model, not a torch.compile'd or DDP wrapper: the hook needs the real lm_head.)
+    only the ending positions (a third of a row, or less) are scored. Other models give full (N, L, V)
+    logits; row_losses takes either.
     """
-    head = getattr(model, "lm_head", None)
-    if not isinstance(head, torch.nn.Module):
+    if not isinstance(model, GPT):
         return _logits(model, tokens, autocast_dtype)
-    keep = mask[:, 1:].bool()  # (N, L-1): position t scores token t+1
-
-    def pick(module, args):
-        x = args[0]
-        if x.dim() != 3 or x.shape[:2] != tokens.shape:  # not the final hidden states: leave it alone
-            return None
-        return (x[:, :-1][keep],) + tuple(args[1:])  # (M, C)
-
-    handle = head.register_forward_pre_hook(pick)
-    try:
-        return _logits(model, tokens, autocast_dtype)
-    finally:
-        handle.remove()
+    logits_at = torch.zeros_like(mask, dtype=torch.bool)  # (N, L)
+    logits_at[:, :-1] = mask[:, 1:].bool()  # position t scores token t+1
+    return _logits(model, tokens, autocast_dtype, logits_at)
 
 
 def _block_size(model) -> int | None:

@@ -226,7 +226,12 @@ class GPT(nn.Module):
         """All parameters, the tied wte/lm_head matrix counted once."""
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx, targets=None, kv_cache: KVCache | None = None):
+    def forward(self, idx, targets=None, kv_cache: KVCache | None = None, logits_at=None):
+        """logits (B, T, vocab) and the mean cross-entropy against targets (B, T), if given.
+
+        logits_at, a bool mask (B, T), computes logits (M, vocab) at those M positions only: the
+        output layer is the costliest matmul of a small model, and HellaSwag scores few positions.
+        """
         B, T = idx.size()
         start = kv_cache.pos if kv_cache is not None else 0
         if start + T > self.config.block_size:
@@ -238,7 +243,9 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.pos += T
         x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)  # (B, T, vocab_size)
+        if logits_at is not None:
+            x = x[logits_at]  # (M, C)
+        logits = self.lm_head(x)  # (B, T, vocab_size), or (M, vocab_size)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)

@@ -96,7 +96,7 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--batched-only", action="store_true", help="skip the slow loop (e.g. the full val set on a GPU)")
     p.add_argument("--breakdown", action="store_true",
-                   help="also time the batched path with logits at every position (packing alone, no lm_head trick)")
+                   help="also time the batched path with logits at every position (packing alone, no logits_at)")
     args = p.parse_args(argv)
 
     if args.threads:

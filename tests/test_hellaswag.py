@@ -208,7 +208,7 @@ def test_batched_path_scores_only_ending_positions():
 
 
 def test_model_returning_plain_logits(reference):
-    class LogitsOnly(torch.nn.Module):  # no lm_head to hook, logits rather than (logits, loss)
+    class LogitsOnly(torch.nn.Module):  # not our GPT (full logits), logits rather than (logits, loss)
         def __init__(self, gpt):
             super().__init__()
             self.gpt = gpt
