@@ -11,10 +11,10 @@ uint16 tokens (a document that does not fit continues in the next shard; the las
 remainder), saved with np.save as {prefix}_val_000000.npy, {prefix}_train_000001.npy, ...: shard 0
 is the validation split. Same documents in the same order and the same shard size: same files.
 
-Fast: every core tokenizes. The main process reads documents through `datasets` (local --data-files
-as a stream, in place; the Hub's dataset downloaded first unless --streaming) and hands ~1 MB batches
-to worker processes; each returns one uint16 array, copied into a shard buffer while a thread writes
-the previous shard. Memory holds two shard buffers and a few batches, however large the dataset.
+Fast: every core tokenizes. The main process reads documents through `datasets` (prepared as Arrow
+files first, or read as a stream with --streaming) and hands ~1 MB batches to worker processes; each
+returns one uint16 array, copied into a shard buffer while a thread writes the previous shard. Memory
+holds two shard buffers and a few batches, however large the dataset.
 
 Restartable: a shard is written under a temporary name and renamed into place, then manifest.json
 (written the same way) lists it with its documents, tokens and sha256. Interrupted, a rerun of the
@@ -61,7 +61,7 @@ class Config:
     split: str = "train"  # the split to read
     text_field: str = "text"  # the column that holds each document's text
     data_files: list[str] | None = None  # local .jsonl/.json/.parquet/.txt files or globs, instead of the Hub
-    streaming: bool | None = None  # read as a stream: no full download or Arrow copy (default: on with --data-files)
+    streaming: bool = False  # read as a stream: no full download, and no Arrow copy in datasets' cache
     cache_dir: str | None = None  # where datasets keeps downloads and Arrow files (default: its own)
     # what to write
     out_dir: str = DEFAULT_OUT_DIR  # the shard folder (default: edu_fineweb10B/ next to this script)
@@ -581,8 +581,6 @@ def build_shards(cfg: Config) -> dict:
     """Tokenize the dataset into shards in cfg.out_dir; returns the run's summary."""
     t0 = time.time()
     builder, files = resolve_data_files(cfg.data_files) if cfg.data_files else (None, [])
-    if cfg.streaming is None:  # local files are read in place: an Arrow copy would only cost time and disk
-        cfg = dataclasses.replace(cfg, streaming=bool(files))
     out = Path(cfg.out_dir)
     created = prepare_out_dir(out)
     lock = lock_out_dir(out)

@@ -9,18 +9,19 @@ On the same documents, each repeat measures:
   ceiling    N processes (N = --num-proc, default every core) doing nothing but enc.encode_ordinary on
              their share of the documents, pre-loaded in memory; only the encoding is timed (and, for
              reference, the same with enc.encode_to_numpy, which fineweb.py's workers call: same tokens)
-  fineweb    fineweb.main([...]) end to end: reading the jsonl through datasets (as a stream, the default
-             for local files), tokenizing, writing shards + manifest
-  arrow      the same with --no-streaming: datasets first copies the jsonl into Arrow files, in a fresh
-             (cold) cache each repeat, so json -> Arrow is paid every time
+  fineweb    fineweb.main([...]) end to end: loading the jsonl through datasets (which first copies it
+             into Arrow files, in a fresh cold cache each repeat, so json -> Arrow is paid every time),
+             tokenizing, writing shards + manifest
+  streaming  the same with --streaming: the jsonl is read as a stream, no Arrow copy
   reference  build-nanogpt's approach re-created: a pool of cpu_count // 2, one document per task
              (imap, chunksize=16), a list -> np.array per document, the same shard loop and np.save
 and prints the median (and best) tokens/s of each and its ratio to the encode_ordinary ceiling (the target
 for fineweb: >= 0.80), and the CPU seconds each spent. Every rate uses the same token count (the shards'
 total, <|endoftext|> included), so ratios are time ratios. Methods are interleaved in each repeat, so a
 machine shared with other jobs slows them alike (the load average is printed: numbers are only clean near
-an idle machine's). Finally `python fineweb.py` runs as a subprocess on a quarter of the corpus and on all
-of it, and the peak resident memory of its largest process is printed for each: it should not grow.
+an idle machine's). Finally `python fineweb.py --streaming` runs as a subprocess on a quarter, a half and
+all of the corpus, and the peak resident memory of its largest process is printed for each: it should not
+grow with the corpus.
 """
 
 from __future__ import annotations
@@ -176,7 +177,7 @@ def main():
     p.add_argument("--repeats", type=int, default=3, help="runs of each method; medians are reported")
     p.add_argument("--num-proc", type=int, default=os.cpu_count(), help="processes (default: every core)")
     p.add_argument("--shard-size", type=int, default=10_000_000, help="tokens per shard (default: 10M)")
-    p.add_argument("--no-arrow", action="store_true", help="skip the fineweb.py --no-streaming runs")
+    p.add_argument("--no-streaming", action="store_true", help="skip the fineweb.py --streaming runs")
     p.add_argument("--no-reference", action="store_true", help="skip the reference-style runs")
     p.add_argument("--no-rss", action="store_true", help="skip the peak-memory run")
     p.add_argument("--work-dir", help="where corpus, caches and shards go (default: a temporary folder)")
@@ -198,7 +199,7 @@ def main():
     print(f"corpus {corpus}: {corpus.stat().st_size / 2**20:.0f} MB, {len(_docs):,} documents; {n} processes "
           f"on {os.cpu_count()} cores; shard size {args.shard_size:,}; load average {os.getloadavg()[0]:.2f}")
 
-    runs: dict[str, list[tuple[float, float]]] = {"ceiling": [], "ceiling_np": [], "fineweb": [], "arrow": [],
+    runs: dict[str, list[tuple[float, float]]] = {"ceiling": [], "ceiling_np": [], "fineweb": [], "streaming": [],
                                                   "reference": []}
     tokens = None
     for r in range(args.repeats):  # interleaved, so a busy machine slows every method alike
@@ -209,8 +210,8 @@ def main():
                 "--num-proc", str(n), "--cache-dir", str(cache), "--overwrite"]
         runs["fineweb"].append(timed(fineweb.main, argv))
         tokens = json.loads((work / "out" / "manifest.json").read_text())["tokens"]
-        if not args.no_arrow:
-            runs["arrow"].append(timed(fineweb.main, argv + ["--no-streaming"]))
+        if not args.no_streaming:
+            runs["streaming"].append(timed(fineweb.main, argv + ["--streaming"]))
         shutil.rmtree(cache, ignore_errors=True)
         if not args.no_reference:
             cache = work / f"hf_cache_ref_{r}"
@@ -230,8 +231,8 @@ def main():
     cpu = {k: statistics.median(c for _, c in v) for k, v in runs.items() if v}
     names = {"ceiling": f"ceiling: {n} x encode_ordinary (encode only)",
              "ceiling_np": f"ceiling: {n} x encode_to_numpy",
-             "fineweb": "fineweb.py end to end",
-             "arrow": "fineweb.py end to end, --no-streaming",
+             "fineweb": "fineweb.py end to end (cold cache)",
+             "streaming": "fineweb.py end to end, --streaming",
              "reference": f"reference-style: {max(1, os.cpu_count() // 2)} procs, 1 doc/task"}
     print(f"\n{tokens:,} tokens, {args.repeats} repeats. tok/s: median (and best) run; CPU s: median CPU seconds of "
           "all the method's processes")
@@ -241,22 +242,25 @@ def main():
         print(f"{names[k]:<44} {tokens / wall[k]:>12,.0f} {wall['ceiling'] / wall[k]:>9.2f}x "
               f"{tokens / best[k]:>11,.0f} {best['ceiling'] / best[k]:>9.2f}x {cpu[k]:>6.1f} "
               f"{cpu['ceiling'] / cpu[k]:>9.2f}x")
-    for k in ("fineweb", "arrow"):
+    for k in ("fineweb", "streaming"):
         if k in wall:
             print(f"{names[k]} / ceiling: median {wall['ceiling'] / wall[k]:.3f}, best {best['ceiling'] / best[k]:.3f} "
                   "(target >= 0.80)")
 
-    if not args.no_rss:  # peak resident memory: a quarter of the corpus (already past two shards), then all of it
-        small = work / "corpus_small.jsonl"
-        with open(corpus) as f, open(small, "w") as g:
-            g.writelines(line for i, line in enumerate(f) if i < max(1, len(_docs) // 4))
-        peaks = [peak_rss([sys.executable, str(ROOT / "fineweb.py"), "--data-files", str(c), "--out-dir",
-                           str(work / "out_rss"), "--shard-size", str(args.shard_size), "--num-proc", str(n),
-                           "--overwrite", "--cache-dir", str(work / "hf_rss")])
-                 for c in (small, corpus)]
-        print(f"peak RSS of the largest fineweb.py process (shard buffers 2 x "
-              f"{2 * args.shard_size / 2**20:,.0f} MB): {peaks[0]:,.0f} MB on {small.stat().st_size / 2**20:,.1f} MB "
-              f"of text, {peaks[1]:,.0f} MB on {corpus.stat().st_size / 2**20:,.0f} MB")
+    if not args.no_rss:  # peak resident memory on a quarter, a half and all of the corpus
+        sizes, peaks = [], []
+        for frac in (4, 2, 1):
+            part = work / f"corpus_1_{frac}.jsonl"
+            with open(corpus) as f, open(part, "w") as g:
+                g.writelines(line for i, line in enumerate(f) if i < max(1, len(_docs) // frac))
+            sizes.append(part.stat().st_size / 2**20)
+            # --streaming: a prepared dataset is memory-mapped, and its pages read (shared, reclaimable) count in RSS
+            peaks.append(peak_rss([sys.executable, str(ROOT / "fineweb.py"), "--data-files", str(part), "--out-dir",
+                                   str(work / "out_rss"), "--shard-size", str(args.shard_size), "--num-proc", str(n),
+                                   "--overwrite", "--streaming"]))
+        print(f"peak RSS of the largest fineweb.py process (--streaming; shard buffers 2 x "
+              f"{2 * args.shard_size / 2**20:,.0f} MB): " + ", ".join(f"{p:,.0f} MB on {s:,.0f} MB of jsonl"
+                                                                   for p, s in zip(peaks, sizes)))
     if not args.work_dir:
         shutil.rmtree(work, ignore_errors=True)
 

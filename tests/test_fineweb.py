@@ -177,7 +177,7 @@ def test_document_longer_than_several_shards_and_resume_inside_it(tmp_path, caps
     docs = make_docs(40, seed=2, max_words=50)
     docs[20] = " ".join(WORDS * 80)  # thousands of tokens: its tail spans several shards
     data = write_jsonl(tmp_path / "docs.jsonl", docs)
-    run_ = lambda *a: run(tmp_path, *a, *([] if streaming else ["--no-streaming"]))  # local files stream by default
+    run_ = lambda *a: run(tmp_path, *a, *(["--streaming"] if streaming else []))
     out = run_(data, tmp_path / "out", "--shard-size", 500)
     np.testing.assert_array_equal(all_tokens(out), np.concatenate(doc_tokens(docs)))
     m = manifest(out)
@@ -209,8 +209,8 @@ def test_document_longer_than_several_shards_and_resume_inside_it(tmp_path, caps
     assert "nothing to do" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("kind", ["txt", "parquet", "jsonl-arrow-cache"])
-def test_txt_parquet_arrow_cache_and_text_field(tmp_path, kind):
+@pytest.mark.parametrize("kind", ["txt", "parquet", "jsonl-streaming"])
+def test_txt_parquet_streaming_and_text_field(tmp_path, kind):
     docs = [d.replace("\n", " ").replace("\t", " ") or "x" for d in make_docs(120, seed=3)]  # one line each
     if kind == "txt":
         data, extra = tmp_path / "docs.txt", []
@@ -222,7 +222,7 @@ def test_txt_parquet_arrow_cache_and_text_field(tmp_path, kind):
         data, extra = tmp_path / "docs.parquet", ["--text-field", "content"]
         pq.write_table(pa.table({"content": docs, "n": list(range(len(docs)))}), data)
     else:
-        data, extra = write_jsonl(tmp_path / "docs.jsonl", docs), ["--no-streaming"]  # through datasets' cache
+        data, extra = write_jsonl(tmp_path / "docs.jsonl", docs), ["--streaming"]
     out = run(tmp_path, data, tmp_path / "out", "--shard-size", 3000, *extra)
     np.testing.assert_array_equal(all_tokens(out), np.concatenate(doc_tokens(docs)))
     assert manifest(out)["documents"] == len(docs)
