@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing as mp
 import os
 import random
 import signal
@@ -58,9 +59,9 @@ def doc_tokens(docs: list[str]) -> list[np.ndarray]:
     return [np.array([EOT_TOKEN] + enc.encode_ordinary(d), dtype=np.uint16) for d in docs]
 
 
-def run(tmp_path: Path, data: Path, out: Path, *extra, num_proc: int = 2) -> Path:
+def run(tmp_path: Path, data: Path, out: Path, *extra, num_proc: int | None = 2) -> Path:
     argv = ["--data-files", str(data), "--out-dir", str(out), "--cache-dir", str(tmp_path / "hf"),
-            "--num-proc", str(num_proc), *map(str, extra)]
+            *(["--num-proc", str(num_proc)] if num_proc else []), *map(str, extra)]
     assert fineweb.main(argv) == 0
     return out
 
@@ -219,13 +220,29 @@ def test_txt_parquet_streaming_and_text_field(tmp_path, kind):
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        data, extra = tmp_path / "docs.parquet", ["--text-field", "content"]
+        data, extra = tmp_path / "docs.parquet", ["--text-field", "content", "--split", "validation", "--prefix", "pq"]
         pq.write_table(pa.table({"content": docs, "n": list(range(len(docs)))}), data)
     else:
         data, extra = write_jsonl(tmp_path / "docs.jsonl", docs), ["--streaming"]
     out = run(tmp_path, data, tmp_path / "out", "--shard-size", 3000, *extra)
     np.testing.assert_array_equal(all_tokens(out), np.concatenate(doc_tokens(docs)))
     assert manifest(out)["documents"] == len(docs)
+    if kind == "parquet":
+        assert shards(out)[0].name == "pq_val_000000.npy" and shards(out)[1].name == "pq_train_000001.npy"
+        assert manifest(out)["run"]["split"] == "validation" and manifest(out)["run"]["text_field"] == "content"
+
+
+def test_defaults(tmp_path, monkeypatch):
+    cfg = fineweb.parse_args([])
+    assert (cfg.dataset, cfg.name, cfg.split, cfg.text_field) == ("HuggingFaceFW/fineweb-edu", "sample-10BT", "train",
+                                                                  "text")
+    assert (cfg.shard_size, cfg.prefix, cfg.streaming, cfg.max_tokens) == (100_000_000, "edufineweb", False, None)
+    assert Path(cfg.out_dir) == ROOT / "edu_fineweb10B"  # next to the script, wherever it is run from
+    started = []  # --num-proc defaults to every core
+    init = fineweb.Workers.__init__
+    monkeypatch.setattr(fineweb.Workers, "__init__", lambda self, n: started.append(n) or init(self, n))
+    run(tmp_path, write_jsonl(tmp_path / "docs.jsonl", make_docs(20)), tmp_path / "out", num_proc=None)
+    assert started == [os.cpu_count()]
 
 
 def test_max_tokens_is_exact(tmp_path):
@@ -451,6 +468,21 @@ def test_refuses_shards_without_manifest(tmp_path):
     assert folder_bytes(tmp_path / "out") == before
     run(tmp_path, data, tmp_path / "out", "--shard-size", 1000, "--overwrite")
     assert {k: v for k, v in folder_bytes(tmp_path / "out").items() if k != "manifest.json"} == before
+
+
+@pytest.mark.skipif(mp.get_start_method() != "fork", reason="the workers must inherit the patched module")
+def test_worker_failures_are_one_line_errors(tmp_path, monkeypatch):
+    data = write_jsonl(tmp_path / "docs.jsonl", make_docs(20))
+    with monkeypatch.context() as m:  # a tokenizer that cannot load: reported, not respawned forever
+        m.setattr(fineweb, "_tokenizer", lambda: (_ for _ in ()).throw(RuntimeError("GPT-2 BPE files not found")))
+        with pytest.raises(SystemExit, match="tokenizing failed .*BPE files not found"):
+            run(tmp_path, data, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    with monkeypatch.context() as m:  # a worker killed (out of memory): reported, not waited for forever
+        m.setattr(fineweb, "encode_documents", lambda texts: os._exit(3))
+        with pytest.raises(SystemExit, match=r"worker 0 died \(exit code 3"):
+            run(tmp_path, data, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_one_run_per_folder(tmp_path):
