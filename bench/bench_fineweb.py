@@ -257,7 +257,7 @@ def main():
             # --streaming: a prepared dataset is memory-mapped, and its pages read (shared, reclaimable) count in RSS
             peaks.append(peak_rss([sys.executable, str(ROOT / "fineweb.py"), "--data-files", str(part), "--out-dir",
                                    str(work / "out_rss"), "--shard-size", str(args.shard_size), "--num-proc", str(n),
-                                   "--overwrite", "--streaming"]))
+                                   "--overwrite", "--streaming", "--cache-dir", str(work / "hf_rss")]))
         print(f"peak RSS of the largest fineweb.py process (--streaming; shard buffers 2 x "
               f"{2 * args.shard_size / 2**20:,.0f} MB): " + ", ".join(f"{p:,.0f} MB on {s:,.0f} MB of jsonl"
                                                                    for p, s in zip(peaks, sizes)))

@@ -320,6 +320,7 @@ def interrupt_midrun(tmp_path, args, out: Path, sig: int) -> subprocess.Popen:
             assert proc.poll() is None, "fineweb.py ended before it could be interrupted"
             time.sleep(0.005)
         workers = children(proc.pid)
+        assert workers or not Path(f"/proc/{proc.pid}/task").exists(), "no worker processes seen"
         assert proc.poll() is None, "fineweb.py ended before it could be interrupted"
         os.kill(proc.pid, sig)
         proc.wait(timeout=60)
