@@ -296,6 +296,8 @@ def load_documents(cfg: Config, builder: str | None, files: list[str]):
     import datasets
 
     kw = dict(split=cfg.split, streaming=cfg.streaming, cache_dir=cfg.cache_dir)
+    if not cfg.streaming and len(files) != 1:  # many files (FineWeb has dozens): download and prepare in parallel
+        kw["num_proc"] = cfg.num_proc or os.cpu_count()
     if files and _no_rows(builder, files):  # datasets has no good message for these
         raise FinewebError("the dataset is empty: no documents to tokenize")
     try:

@@ -232,6 +232,19 @@ def test_txt_parquet_streaming_and_text_field(tmp_path, kind):
         assert manifest(out)["run"]["split"] == "validation" and manifest(out)["run"]["text_field"] == "content"
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+def test_several_files_and_globs_keep_their_order(tmp_path, streaming):
+    docs = make_docs(150, seed=9)
+    for i in range(3):  # prepared by several processes (--no-streaming), yet read back in file order
+        write_jsonl(tmp_path / f"part{i}.jsonl", docs[50 * i:50 * (i + 1)])
+    out = tmp_path / "out"
+    assert fineweb.main(["--data-files", str(tmp_path / "part0.jsonl"), str(tmp_path / "part[12].jsonl"),
+                         "--out-dir", str(out), "--shard-size", "2000", "--cache-dir", str(tmp_path / "hf"),
+                         "--num-proc", "2", *(["--streaming"] if streaming else [])]) == 0
+    np.testing.assert_array_equal(all_tokens(out), np.concatenate(doc_tokens(docs)))
+    assert manifest(out)["run"]["data_files"] == [str(tmp_path / f"part{i}.jsonl") for i in range(3)]
+
+
 def test_defaults(tmp_path, monkeypatch):
     cfg = fineweb.parse_args([])
     assert (cfg.dataset, cfg.name, cfg.split, cfg.text_field) == ("HuggingFaceFW/fineweb-edu", "sample-10BT", "train",
