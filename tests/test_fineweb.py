@@ -1,7 +1,8 @@
 """fineweb.py: exact tokens, the reference's bytes, resume after kill -9 and Ctrl-C, spawn, errors, memory.
 
 Every dataset is a small local file written here. datasets keeps its cache under tmp_path (--cache-dir,
-HF_HOME for subprocesses) and Hugging Face is set offline, so nothing touches the network or ~/.cache.
+and HF_HOME for subprocesses, which also run with Hugging Face offline): nothing touches the network or
+~/.cache.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ if str(ROOT) not in sys.path:  # plain `pytest` puts tests/, not the repo root, 
     sys.path.insert(0, str(ROOT))
 
 import fineweb  # noqa: E402
-from train_gpt2 import EOT_TOKEN, get_tokenizer  # noqa: E402
+from train_gpt2 import EOT_TOKEN, GPT2_BPE_FILES, get_tokenizer  # noqa: E402
 
 WORDS = ("the of and to in is was that for on with as by at from his her they which one you were all we "
          "language model token shard über café naïve 東京 データ 🙂 — 1984 3.14 #tag @user don't it's").split()
@@ -153,7 +154,7 @@ def test_shards_are_the_per_document_encoding(tmp_path):
     m = manifest(out)
     assert m["complete"] and m["tokens"] == len(expected) and m["documents"] == len(docs)
     assert m["run"]["shard_size"] == shard_size and m["run"]["text_field"] == "text"
-    assert m["run"]["tokenizer"]["sha256"] == dict(__import__("train_gpt2").GPT2_BPE_FILES)
+    assert m["run"]["tokenizer"]["sha256"] == GPT2_BPE_FILES
     for rec, p in zip(m["shards"], shards(out), strict=True):
         t = np.load(p)
         assert rec["file"] == p.name and rec["tokens"] == len(t)
@@ -335,7 +336,10 @@ def interrupt_midrun(tmp_path, args, out: Path, sig: int) -> subprocess.Popen:
         workers = children(proc.pid)
         assert workers or not Path(f"/proc/{proc.pid}/task").exists(), "no worker processes seen"
         assert proc.poll() is None, "fineweb.py ended before it could be interrupted"
-        os.kill(proc.pid, sig)
+        if sig == signal.SIGINT:
+            os.killpg(proc.pid, sig)  # as Ctrl-C in a terminal: the whole process group
+        else:
+            os.kill(proc.pid, sig)  # kill -9 of the main process: its workers must not outlive it
         proc.wait(timeout=60)
         # no worker outlives the main process
         deadline = time.time() + 10
