@@ -28,10 +28,8 @@ loop, command line.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import glob
 import hashlib
-import inspect
 import json
 import multiprocessing as mp
 import os
@@ -680,16 +678,6 @@ def _tokenize(cfg, workers, first, batches, writer, index, tokens_done, doc, off
 # Command line
 
 
-def _field_help(cls) -> dict[str, str]:
-    """The comment after each field: one source for the defaults and --help."""
-    helps = {}
-    for line in inspect.getsource(cls).splitlines():
-        m = re.match(r"\s+(\w+): [^=]+= .*?  # (.*)$", line)
-        if m:
-            helps[m.group(1)] = m.group(2)
-    return helps
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fineweb.py", description="Tokenize a text dataset (default: FineWeb-Edu sample-10BT) into GPT-2 "
@@ -697,20 +685,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="--data-files: .jsonl/.json (one JSON object per line, the text in --text-field), .parquet, or "
         ".txt (one document per line, field 'text'). Interrupted? Rerun the same command: complete shards are "
         "kept and the run continues after them.")
-    helps = _field_help(Config)
-    defaults = Config()
-    for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        text = helps.get(f.name, "")
-        text += "" if "default" in text else f" (default: {getattr(defaults, f.name)})"
-        kw = dict(help=text, default=f.default)
-        if f.type.startswith("bool"):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        elif f.type.startswith("list"):
-            p.add_argument(flag, nargs="+", metavar="FILE", **kw)
-        else:
-            kind = int if f.type.startswith("int") else str
-            p.add_argument(flag, type=kind, **kw)
+    from train_gpt2 import add_dataclass_flags  # the one dataclass -> --kebab-case flags helper
+
+    add_dataclass_flags(p, Config, extra={"data_files": dict(metavar="FILE")})
     return p
 
 

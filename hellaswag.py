@@ -35,7 +35,7 @@ import shutil
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -45,6 +45,7 @@ from torch.nn import functional as F
 
 from train_gpt2 import (
     GPT,
+    add_dataclass_flags,
     all_reduce_sum,
     barrier,
     get_tokenizer,
@@ -407,27 +408,22 @@ def evaluate_unbatched(model, examples: list[dict], device, rank: int = 0, world
 
 @dataclass
 class EvalConfig:
-    model: str = field(default="", metadata=dict(short="-m", required=True,
-                       help="HF name (gpt2, gpt2-xl, ...), a local HF folder, or one of our .pt checkpoints"))
-    device: str = field(default="auto", metadata=dict(short="-d", help="cuda / cuda:1 / cpu / mps; auto: "
-                                                      "cuda if available, else cpu (under torchrun: cuda:LOCAL_RANK)"))
-    batch_size: int = field(default=0, metadata=dict(help="examples per forward pass (4 rows each); "
-                                                     "0: 64 on cuda, 4 on cpu"))
-    limit: int = field(default=0, metadata=dict(help="evaluate only the first N examples (0: all)"))
-    data_file: str = field(default="", metadata=dict(help="a local hellaswag jsonl instead of the download"))
-    split: str = field(default="val", metadata=dict(choices=SPLITS, help="which file to download"))
-    dtype: str = field(default="auto", metadata=dict(choices=("auto", "float32", "bfloat16"),
-                       help="bfloat16 = autocast; auto: bfloat16 on cuda, float32 elsewhere"))
-    cache_dir: str = field(default=str(DATA_CACHE_DIR), metadata=dict(help="where downloads are kept"))
+    model: str = ""  # an HF name (gpt2, gpt2-xl, ...), a local HF folder, or one of our .pt checkpoints
+    device: str = "auto"  # cuda, cuda:1, cpu, mps; auto: cuda if available (under torchrun cuda:LOCAL_RANK), else cpu
+    batch_size: int = 0  # examples per forward pass (4 rows each); 0: 64 on cuda, 4 on cpu
+    limit: int = 0  # evaluate only the first N examples (0: all)
+    data_file: str = ""  # a local hellaswag jsonl instead of the download
+    split: str = "val"  # which file to download
+    dtype: str = "auto"  # bfloat16 is autocast; auto: bfloat16 on cuda, float32 elsewhere
+    cache_dir: str = str(DATA_CACHE_DIR)  # where downloads are kept
 
 
 def parse_args(argv=None) -> EvalConfig:
     parser = argparse.ArgumentParser(prog="hellaswag.py", description="HellaSwag accuracy of a GPT-2 style model")
-    for f in fields(EvalConfig):
-        meta = dict(f.metadata)
-        flags = [meta.pop("short")] if "short" in meta else []
-        flags.append("--" + f.name.replace("_", "-"))
-        parser.add_argument(*flags, dest=f.name, type=type(f.default), default=f.default, **meta)
+    add_dataclass_flags(parser, EvalConfig, extra={
+        "model": dict(short="-m", required=True), "device": dict(short="-d"),
+        "split": dict(choices=SPLITS), "dtype": dict(choices=("auto", "float32", "bfloat16")),
+    })
     return EvalConfig(**vars(parser.parse_args(argv)))
 
 

@@ -759,7 +759,7 @@ PRESETS = {
 }
 
 
-def _field_help(cls) -> dict[str, str]:
+def field_help(cls) -> dict[str, str]:
     """The comment after each field of a dataclass: one source of truth for defaults and --help."""
     import inspect
 
@@ -771,25 +771,43 @@ def _field_help(cls) -> dict[str, str]:
     return helps
 
 
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls, unset_is_absent: bool = False,
+                        extra: dict[str, dict] | None = None) -> None:
+    """Every field of the dataclass cls becomes a --kebab-case flag, its comment the help text.
+
+    bool fields get --x/--no-x, list fields take several values. unset_is_absent leaves flags that
+    were not given out of the namespace (so a preset can fill them). extra: per-field argparse
+    overrides; its "short" entry adds a short flag such as -m.
+    """
+    helps = field_help(cls)
+    for f in dataclasses.fields(cls):
+        kw = dict((extra or {}).get(f.name, {}))
+        flags = [kw.pop("short")] if "short" in kw else []
+        flags.append("--" + f.name.replace("_", "-"))
+        given = "default" in helps.get(f.name, "") or f.default == ""
+        default_text = "" if given else f" (default: {f.default})"
+        kw.setdefault("help", helps.get(f.name, "") + default_text)
+        kw["default"] = argparse.SUPPRESS if unset_is_absent else f.default
+        kind = f.type.split(" |")[0]
+        if kind == "bool":
+            kw.setdefault("action", argparse.BooleanOptionalAction)
+        elif kind.startswith("list"):
+            kw.setdefault("nargs", "+")
+        elif "nargs" not in kw or kw["nargs"] != 0:
+            kw.setdefault("type", {"int": int, "float": float}.get(kind, str))
+        parser.add_argument(*flags, **kw)
+
+
 def build_train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="train_gpt2.py",
         description="Train GPT-2. Subcommands: `train_gpt2.py sample --help`, `train_gpt2.py export --help`.",
         epilog="Presets: " + "; ".join(f"{k}: {v}" for k, v in PRESETS.items()))
-    helps = _field_help(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        # unset flags stay unset, so a preset's values apply and explicit flags override them
-        kw = dict(help=f"{helps.get(f.name, '')} (default: {f.default})", default=argparse.SUPPRESS)
-        if f.type.startswith("bool"):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        elif f.name == "resume":
-            p.add_argument(flag, nargs="?", const="latest", metavar="CHECKPOINT", **kw)
-        elif f.name == "preset":
-            p.add_argument(flag, choices=sorted(PRESETS), **kw)
-        else:
-            kind = {"int": int, "float": float}.get(f.type.split(" |")[0], str)
-            p.add_argument(flag, type=kind, **kw)
+    # flags not given stay unset, so a preset's values apply and explicit flags override them
+    add_dataclass_flags(p, TrainConfig, unset_is_absent=True, extra={
+        "resume": dict(nargs="?", const="latest", metavar="CHECKPOINT"),
+        "preset": dict(choices=sorted(PRESETS)),
+    })
     return p
 
 
