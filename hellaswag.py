@@ -31,10 +31,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -48,6 +46,7 @@ from train_gpt2 import (
     add_dataclass_flags,
     all_reduce_sum,
     barrier,
+    download,
     get_tokenizer,
     load_model,
     setup_distributed,
@@ -76,16 +75,10 @@ def data_url(split: str) -> str:
     return os.environ.get("HELLASWAG_URL", URL_TEMPLATE).format(split=split)
 
 
-def download(url: str, dest: Path, timeout: float = 60.0) -> None:
-    """Fetch url into dest through a temporary file, so a half-written file is never taken for data."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
+def fetch(url: str, dest: Path) -> None:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as f:
-            shutil.copyfileobj(resp, f, 1 << 20)
-        os.replace(tmp, dest)
+        download(url, dest)
     except (OSError, ValueError) as e:  # URLError/HTTPError/timeouts are OSErrors; a malformed URL is a ValueError
-        tmp.unlink(missing_ok=True)
         raise HellaSwagError(f"could not download {url} ({_one_line(e)}): check the network connection, "
                              "or pass --data-file PATH to a local hellaswag jsonl") from e
     print(f"downloaded {url} to {dest} ({dest.stat().st_size / 1e6:.1f} MB)", file=sys.stderr)
@@ -149,7 +142,7 @@ def load_examples(split: str = "val", data_file=None, cache_dir=None, dist=None)
     failure = None
     if master and not path.is_file():
         try:
-            download(data_url(split), path)
+            fetch(data_url(split), path)
         except HellaSwagError as e:
             failure = e
     barrier()

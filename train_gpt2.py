@@ -524,14 +524,17 @@ class TrainError(ValueError):
     """Bad input or configuration: reported as one line before step 0."""
 
 
-def _download(url: str, path: Path) -> None:
+def download(url: str, dest: Path, timeout: float = 60.0) -> None:
+    """Fetch url into dest through a temporary file, so a half-written file is never taken for data."""
+    import shutil
     import urllib.request
 
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
     try:
-        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
-            f.write(r.read())
-        os.replace(tmp, path)
+        with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as f:
+            shutil.copyfileobj(resp, f, 1 << 20)
+        os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -541,8 +544,8 @@ def tokenize_text_file(path: Path, dist: Dist) -> np.ndarray:
     if not path.exists() and path.name == "input.txt" and dist.master:
         print(f"{path} not found: downloading tiny Shakespeare from {TINY_SHAKESPEARE_URL}")
         try:
-            _download(TINY_SHAKESPEARE_URL, path)
-        except OSError as e:
+            download(TINY_SHAKESPEARE_URL, path)
+        except (OSError, ValueError) as e:  # URLError, HTTPError and timeouts are OSErrors
             raise TrainError(f"--data {path}: not found and the download failed ({e}); "
                              f"put tiny Shakespeare there (offline machines: copy it by hand)") from e
     barrier()
