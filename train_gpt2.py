@@ -940,13 +940,7 @@ def evaluate_loss(model, loader: DataLoader, steps: int, device: str, autocast) 
         with autocast():
             _, loss = model(to_device(x, device), to_device(y, device))
         total += loss.detach().float() / steps
-    return all_reduce_sum(total).item() / max(1, _world_size())
-
-
-def _world_size() -> int:
-    import torch.distributed as tdist
-
-    return tdist.get_world_size() if tdist.is_initialized() else 1
+    return all_reduce_sum(total).item() / loader.world_size  # Gloo has no AVG
 
 
 def _gather_rng_states(dist: Dist) -> list[dict]:
