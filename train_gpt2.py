@@ -489,9 +489,14 @@ def setup_distributed(device: str = "auto") -> Dist:
 
 
 def teardown_distributed() -> None:
+    import gc
+
     import torch.distributed as dist
 
     if dist.is_initialized():
+        # free what still holds collective work (DDP's reducer sits in reference cycles) while the group
+        # lives: left for interpreter shutdown, Gloo's threads can abort the process after a finished run
+        gc.collect()
         dist.destroy_process_group()
 
 
@@ -960,7 +965,9 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
     """Run training. on_step(step, stats) is called after every optimizer step (tests, notebooks)."""
     dist = setup_distributed(cfg.device)
     try:
-        return _train(cfg, dist, on_step)
+        history = _train(cfg, dist, on_step)
+        barrier()  # rank 0 may still be writing the checkpoint: Gloo aborts if a peer leaves mid-connection
+        return history
     finally:
         teardown_distributed()
 
