@@ -361,6 +361,18 @@ def _tally(sum_loss: torch.Tensor, avg_loss: torch.Tensor, examples: list[dict],
                 acc=num_correct / max(num_total, 1), acc_norm=num_correct_norm / max(num_total, 1))
 
 
+def _evaluate(score, model, examples: list[dict], rank: int, world_size: int, device, progress: bool) -> dict:
+    """This rank's share of examples through score(examples, progress) in eval mode, counts summed over ranks."""
+    mine = examples[rank::world_size]
+    was_training = getattr(model, "training", False)
+    model.eval()
+    try:
+        sum_loss, avg_loss = score(mine, progress and rank == 0)
+    finally:
+        model.train(was_training)
+    return _tally(sum_loss, avg_loss, mine, device, world_size)
+
+
 def evaluate(model, examples: list[dict], device, batch_size: int | None = None, rank: int = 0, world_size: int = 1,
              autocast_dtype=None, progress: bool = False) -> dict:
     """acc and acc_norm of model on examples: {num_total, num_correct, num_correct_norm, acc, acc_norm}.
@@ -371,28 +383,15 @@ def evaluate(model, examples: list[dict], device, batch_size: int | None = None,
     ranks, so every rank returns the totals. Every rank must call this (it all-reduces).
     autocast_dtype=torch.bfloat16 wraps forwards in autocast; the losses are computed in fp32 either way.
     """
-    mine = examples[rank::world_size]
-    was_training = getattr(model, "training", False)
-    model.eval()
-    try:
-        sum_loss, avg_loss = score_batched(model, mine, device, batch_size, autocast_dtype,
-                                           progress=progress and rank == 0)
-    finally:
-        model.train(was_training)
-    return _tally(sum_loss, avg_loss, mine, device, world_size)
+    score = lambda mine, bar: score_batched(model, mine, device, batch_size, autocast_dtype, progress=bar)
+    return _evaluate(score, model, examples, rank, world_size, device, progress)
 
 
 def evaluate_unbatched(model, examples: list[dict], device, rank: int = 0, world_size: int = 1,
                        autocast_dtype=None, progress: bool = False) -> dict:
     """evaluate() through the one-example-per-forward loop: the reference the batched path must equal."""
-    mine = examples[rank::world_size]
-    was_training = getattr(model, "training", False)
-    model.eval()
-    try:
-        sum_loss, avg_loss = score_unbatched(model, mine, device, autocast_dtype, progress=progress and rank == 0)
-    finally:
-        model.train(was_training)
-    return _tally(sum_loss, avg_loss, mine, device, world_size)
+    score = lambda mine, bar: score_unbatched(model, mine, device, autocast_dtype, progress=bar)
+    return _evaluate(score, model, examples, rank, world_size, device, progress)
 
 
 # -----------------------------------------------------------------------------
