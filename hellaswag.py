@@ -9,7 +9,8 @@ HellaSwag, completion style, batched and distributed: how this project compares 
 Each example is a context and 4 endings; exactly one (`label`) is right. Every ending becomes a row
 `context tokens + tokens of " " + ending`, and the row's score is the cross-entropy of its ending tokens:
 summed over the ending it gives `acc`, averaged over the ending it gives `acc_norm` (the lowest loss is
-the prediction). Expected on the 10,042 validation examples:
+the prediction). On the 10,042 validation examples, as reported by build-nanogpt and the GPT-3
+paper (not measured by this repository):
 
     gpt2     (124M)   acc 0.2859  acc_norm 0.2955
     gpt2-xl  (1558M)  acc 0.3842  acc_norm 0.4893
