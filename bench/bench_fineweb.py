@@ -170,7 +170,7 @@ def peak_rss(cmd: list[str]) -> float:
 # Driver
 
 
-def main():
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     p.add_argument("--size-mb", type=float, default=200, help="size of the synthesized jsonl corpus (default: 200)")
     p.add_argument("--data-files", help="a jsonl corpus (field 'text') to use instead of synthesizing one")
@@ -181,7 +181,7 @@ def main():
     p.add_argument("--no-reference", action="store_true", help="skip the reference-style runs")
     p.add_argument("--no-rss", action="store_true", help="skip the peak-memory run")
     p.add_argument("--work-dir", help="where corpus, caches and shards go (default: a temporary folder)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_fineweb_"))
     work.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,12 @@ HellaSwag speed: the batched evaluate() against the one-example-per-forward loop
 Prints examples/s of each path (median of --repeats runs, the two paths interleaved so both see the
 same machine load), the ratio, and whether the two paths predict the same endings. On CUDA the clock
 stops after a synchronize, and forwards run under bf16 autocast unless --dtype float32.
+
+--breakdown also times the batched path with logits at every position (what packing alone buys) and
+the time the batched path spends in the output layer (lm_head) alone. Exact scoring needs a full
+vocab-sized logits row at every scored position, so one-at-a-time time / that time is the speed-up
+batching would reach if everything but that matmul were free: a ceiling for this machine and model
+(a fused matmul + logsumexp kernel that never writes the logits out could lower it a little).
 Without --data-file the examples are synthetic, with HellaSwag's shape: a third short ActivityNet-like
 contexts and endings, two thirds longer WikiHow-like ones (about 100 tokens per padded row, like the
 real validation set's ~4M tokens over 40k rows).
@@ -68,6 +74,30 @@ class FullLogits(torch.nn.Module):
 
 # -----------------------------------------------------------------------------
 # Timing
+
+
+class ModuleTimer:
+    """Seconds spent inside one module's forward, summed over calls (synchronized on CUDA)."""
+
+    def __init__(self, module, device):
+        self.total, self.device, self._t0 = 0.0, device, 0.0
+        self._hooks = [module.register_forward_pre_hook(self._start), module.register_forward_hook(self._stop)]
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _start(self, module, args):
+        self._sync()
+        self._t0 = time.perf_counter()
+
+    def _stop(self, module, args, out):
+        self._sync()
+        self.total += time.perf_counter() - self._t0
+
+    def remove(self):
+        for h in self._hooks:
+            h.remove()
 
 
 def timed(fn, device) -> tuple[float, object]:
@@ -142,12 +172,17 @@ def main(argv=None) -> None:
     hs.score_batched(model, examples[:8], device, args.batch_size, autocast_dtype)
     hs.score_unbatched(model, examples[:2], device, autocast_dtype)
 
-    tb, tu, tf = [], [], []
+    tb, tu, tf, th = [], [], [], []
     for r in range(args.repeats):
         dt, (sum_b, avg_b) = timed(batched, device)
         tb.append(dt)
         line = f"repeat {r}: batched {len(examples) / dt:8.1f} ex/s"
         if args.breakdown:
+            timer = ModuleTimer(model.lm_head, device)  # a separate run: the hooks' syncs must not slow the one above
+            timed(batched, device)
+            timer.remove()
+            th.append(timer.total)
+            line += f" (output layer alone {timer.total:.2f} s of {dt:.2f} s)"
             dt, _ = timed(batched_full, device)
             tf.append(dt)
             line += f" | batched, all-position logits {len(examples) / dt:8.1f} ex/s"
@@ -168,6 +203,9 @@ def main(argv=None) -> None:
     if tf:
         summary += f" | batched with all-position logits: {len(examples) / statistics.median(tf):.1f} examples/s"
     print(summary)
+    if th and tu:
+        print(f"output layer (lm_head matmul) at the scored positions: {statistics.median(th):.2f} s; were all else "
+              f"free, batched would be {statistics.median(tu) / statistics.median(th):.2f}x the one-at-a-time loop")
 
 
 if __name__ == "__main__":

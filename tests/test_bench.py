@@ -1,0 +1,40 @@
+"""The benchmark scripts, run small: they must keep working and keep checking what they compare.
+
+These assert what each benchmark reports besides speed (the same tokens, the same predictions, shards
+identical to the reference's); the speeds themselves are measured by running the scripts, not here.
+"""
+
+import dataclasses
+import re
+
+import torch
+
+import train_gpt2 as tg
+from bench import bench_fineweb, bench_generate, bench_hellaswag
+
+
+def test_bench_hellaswag_breakdown(capsys):
+    bench_hellaswag.main(["--layers", "1", "--width", "64", "-n", "6", "--repeats", "1", "--breakdown", "-d", "cpu"])
+    out = capsys.readouterr().out
+    assert "same predictions: acc 100%, acc_norm 100%" in out
+    m = re.search(r"repeat 0: batched +([\d.]+) ex/s \(output layer alone ([\d.]+) s of ([\d.]+) s\)", out)
+    assert m and 0 < float(m[2]) < float(m[3]), out  # the output layer is a part of the batched run
+    m = re.search(r"were all else free, batched would be ([\d.]+)x the one-at-a-time loop", out)
+    assert m and float(m[1]) > 1, out
+
+
+def test_bench_generate_same_tokens(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = tg.GPT(tg.GPTConfig(block_size=64, vocab_size=50304, n_layer=2, n_head=2, n_embd=32))
+    ckpt = tmp_path / "model_00001.pt"
+    tg.save_checkpoint(ckpt, {"model": model.state_dict(), "config": dataclasses.asdict(model.config), "step": 1})
+    bench_generate.main(["-m", str(ckpt), "--device", "cpu", "--max-new-tokens", "12", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert "same tokens both ways: yes" in out and re.search(r"speed-up: [\d.]+x", out), out
+
+
+def test_bench_fineweb_small(tmp_path, capsys):
+    bench_fineweb.main(["--size-mb", "0.3", "--repeats", "1", "--num-proc", "1", "--shard-size", "20000",
+                        "--no-rss", "--work-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "reference-style shards identical to fineweb.py's: True" in out, out
