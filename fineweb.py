@@ -75,7 +75,6 @@ TASK_BYTES = 1 << 20  # text shipped to a worker at once: ~1 MB in memory, ~0.1 
 READ_BATCH = 64  # documents read from datasets at a time
 TASKS_IN_FLIGHT_PER_PROC = 3  # bounds memory, and keeps every worker busy while the main loop writes
 MANIFEST = "manifest.json"
-TMP_PREFIX = ".fineweb_tmp_"  # temporary files: no .npy suffix and no "train"/"val", so no loader reads them
 SHARD_RE = re.compile(r"^.+_(?:val|train)_\d{6}\.npy$")  # anyone's shards, ours or the reference's
 
 
@@ -376,7 +375,7 @@ def prepare_out_dir(out: Path) -> bool:
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=TMP_PREFIX + "probe_", dir=out)
+        fd, probe = tempfile.mkstemp(prefix=".write_probe.", suffix=".tmp0", dir=out)  # a stale temp name if left
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
@@ -403,18 +402,16 @@ def lock_out_dir(out: Path) -> int | None:
 
 
 def remove_temp_files(out: Path):
-    for p in out.glob(TMP_PREFIX + "*"):
-        p.unlink(missing_ok=True)
+    from train_gpt2 import remove_stale_temp_files
+
+    remove_stale_temp_files(out)
 
 
 def write_manifest(out: Path, manifest: dict):
-    tmp = out / (TMP_PREFIX + "manifest")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out / MANIFEST)
+    from train_gpt2 import atomic_write
+
+    with atomic_write(out / MANIFEST) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=1) + "\n")
 
 
 def read_manifest(out: Path) -> dict | None:
@@ -500,22 +497,19 @@ class ShardWriter:
             self.executor.shutdown()
 
     def _write(self, tokens: np.ndarray, record: dict):
-        tmp = self.out / f"{TMP_PREFIX}{record['index']:06d}"
+        from train_gpt2 import atomic_write
+
         try:
-            with open(tmp, "wb") as f:
-                np.save(f, tokens)  # numpy's standard header for a 1-D uint16 array: the reference's bytes
-                f.flush()
-                os.fsync(f.fileno())
-            record["bytes"] = tmp.stat().st_size
-            record["sha256"] = file_sha256(tmp)
-            os.replace(tmp, self.out / record["file"])
+            with atomic_write(self.out / record["file"]) as tmp:
+                with open(tmp, "wb") as f:
+                    np.save(f, tokens)  # numpy's standard header for a 1-D uint16 array: the reference's bytes
+                record["bytes"] = tmp.stat().st_size
+                record["sha256"] = file_sha256(tmp)
             # listed only once complete and in place: the manifest never names a partial shard
             self.manifest["shards"].append(record)
             write_manifest(self.out, self.manifest)
         except OSError as e:  # disk full, folder gone, ...
             raise FinewebError(f"could not write {self.out / record['file']} ({e.strerror or e})") from None
-        finally:
-            tmp.unlink(missing_ok=True)
 
 
 # -----------------------------------------------------------------------------

@@ -121,6 +121,18 @@ def atomic_write(path):
         tmp.unlink(missing_ok=True)
 
 
+ATOMIC_TEMP_GLOB = ".*.tmp[0-9]*"  # the names atomic_write writes to before the rename
+
+
+def remove_stale_temp_files(folder) -> None:
+    """Delete the temporary files that atomic_write leaves behind when its process is killed (kill -9).
+
+    Only for a folder that no live process writes into (fineweb.py locks its output folder first).
+    """
+    for p in Path(folder).glob(ATOMIC_TEMP_GLOB):
+        p.unlink(missing_ok=True)
+
+
 # -----------------------------------------------------------------------------
 # Model: GPT-2, with Hugging Face's parameter names so weights load 1:1
 

@@ -376,11 +376,11 @@ def test_interrupted_then_rerun_gives_identical_files(tmp_path, big, capsys, how
     else:
         assert proc.returncode == 130, proc.log
         assert "interrupted" in proc.log and "Traceback" not in proc.log
-        assert not list(out.glob(".fineweb_tmp_*")), "Ctrl-C left a temporary file"
+        assert not list(out.glob(".*.tmp*")), "Ctrl-C left a temporary file"
     m = manifest(out)
     assert not m["complete"] and 1 <= len(m["shards"]) < len(clean) - 1
     kept = {r["file"]: (out / r["file"]).stat().st_mtime_ns for r in m["shards"]}
-    (out / ".fineweb_tmp_000099").write_bytes(b"half a shard")  # as a kill during a write leaves
+    (out / ".edufineweb_train_000099.npy.tmp4242").write_bytes(b"half a shard")  # as a kill during a write leaves
     capsys.readouterr()
     assert fineweb.main(args + ["--out-dir", str(out), "--num-proc", "2"]) == 0
     assert f"resuming after {len(m['shards'])} complete shards" in capsys.readouterr().out
