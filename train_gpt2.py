@@ -498,22 +498,42 @@ def default_device() -> str:
     return "cpu"
 
 
+# NCCL's default is 10 minutes: too short for rank 0 tokenizing a big .txt or saving a large checkpoint
+# while the others wait in the next collective
+PROCESS_GROUP_TIMEOUT_MINUTES = 30
+
+
 def setup_distributed(device: str = "auto") -> Dist:
+    """Who we are and where we compute; under torchrun, the process group too.
+
+    Under torchrun each rank takes GPU LOCAL_RANK (`auto` or `cuda`), or GPU 0 where a scheduler shows
+    each process one GPU. An explicit cuda:N would put every rank on one GPU: an error (ValueError).
+    """
+    import datetime
+
     import torch.distributed as dist
 
     if "RANK" not in os.environ:
-        return Dist(device=default_device() if device == "auto" else device)
+        device = default_device() if device == "auto" else device
+        if device.startswith("cuda:"):
+            torch.cuda.set_device(device)  # so the allocator, synchronize() and kernels all use this GPU
+        return Dist(device=device)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     world_size = int(os.environ["WORLD_SIZE"])
     if device == "auto":
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda":
-        device = f"cuda:{local_rank}"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda:") and world_size > 1:
+        raise ValueError(f"--device {device} under torchrun would put all {world_size} ranks on one GPU: pass "
+                         "--device cuda (rank r takes GPU LOCAL_RANK), or choose GPUs with CUDA_VISIBLE_DEVICES")
+    if device == "cuda":
+        device = "cuda:0" if torch.cuda.device_count() == 1 else f"cuda:{local_rank}"
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        backend = "nccl" if device.startswith("cuda") else "gloo"
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        cuda = device.startswith("cuda")
+        dist.init_process_group(backend="nccl" if cuda else "gloo", rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(minutes=PROCESS_GROUP_TIMEOUT_MINUTES),
+                                device_id=torch.device(device) if cuda else None)
     return Dist(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 
 
@@ -545,6 +565,17 @@ def barrier() -> None:
         dist.barrier()
 
 
+def raise_if_any_rank_failed(error: Exception | None, dist: Dist, others: str) -> None:
+    """Every rank calls this at the same point, with what it caught (or None); if any rank failed, every
+    rank raises: its own error, or TrainError(others). So no rank is left waiting in a collective for a
+    rank that has died (NCCL would wait until the timeout)."""
+    failed = all_reduce_sum(torch.tensor([float(error is not None)], device=dist.device))  # NCCL: device tensors
+    if error is not None:
+        raise error
+    if failed.item() > 0:
+        raise TrainError(others)
+
+
 # -----------------------------------------------------------------------------
 # Data: uint16 token shards (fineweb.py's format, and build-nanogpt's) or one .txt file.
 # A shard is read as consecutive windows of B*T+1 tokens (inputs and the next-token targets);
@@ -568,26 +599,45 @@ def download(url: str, dest: Path, timeout: float = 60.0) -> None:
         shutil.copyfileobj(resp, f, 1 << 20)
 
 
-def tokenize_text_file(path: Path, dist: Dist) -> np.ndarray:
-    """Tokens of a .txt file, cached beside it under a name that holds the text's hash (never stale)."""
-    if not path.exists() and path.name == "input.txt" and dist.master:
+def _token_cache(path: Path) -> Path:
+    """Where the tokens of a .txt file are cached: beside it, under a name holding the text's hash (never stale)."""
+    if not path.is_file():
+        raise TrainError(f"--data {path}: no such file or shard folder (run fineweb.py, or give a .txt file)")
+    return path.with_name(f"{path.name}.{hashlib.sha256(path.read_bytes()).hexdigest()[:16]}.gpt2.npy")
+
+
+def _prepare_text_file(path: Path) -> None:
+    """Rank 0's part: download tiny Shakespeare if it is missing, tokenize the text into its cache."""
+    if not path.exists() and path.name == "input.txt":
         print(f"{path} not found: downloading tiny Shakespeare from {TINY_SHAKESPEARE_URL}")
         try:
             download(TINY_SHAKESPEARE_URL, path)
         except (OSError, ValueError) as e:  # URLError, HTTPError and timeouts are OSErrors
             raise TrainError(f"--data {path}: not found and the download failed ({e}); "
                              f"put tiny Shakespeare there (offline machines: copy it by hand)") from e
-    barrier()
-    if not path.is_file():
-        raise TrainError(f"--data {path}: no such file or shard folder (run fineweb.py, or give a .txt file)")
-    raw = path.read_bytes()
-    cache = path.with_name(f"{path.name}.{hashlib.sha256(raw).hexdigest()[:16]}.gpt2.npy")
-    if not cache.exists() and dist.master:
-        tokens = np.array(get_tokenizer().encode_ordinary(raw.decode("utf-8")), dtype=np.uint16)
-        with atomic_write(cache) as tmp, open(tmp, "wb") as f:
-            np.save(f, tokens)
-    barrier()
-    return np.load(cache)
+    cache = _token_cache(path)
+    if cache.exists():
+        return
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise TrainError(f"--data {path}: not UTF-8 text ({e.reason} at byte {e.start}): convert it, "
+                         "or shard it with fineweb.py") from None
+    tokens = np.array(get_tokenizer().encode_ordinary(text), dtype=np.uint16)
+    with atomic_write(cache) as tmp, open(tmp, "wb") as f:
+        np.save(f, tokens)
+
+
+def tokenize_text_file(path: Path, dist: Dist) -> np.ndarray:
+    """Tokens of a .txt file: rank 0 downloads (tiny Shakespeare only) and tokenizes once, every rank reads."""
+    error = None
+    if dist.master:
+        try:
+            _prepare_text_file(path)
+        except Exception as e:  # any failure: the other ranks must hear of it, not wait for rank 0 forever
+            error = e
+    raise_if_any_rank_failed(error, dist, f"--data {path}: rank 0 could not prepare it (see its error above)")
+    return np.load(_token_cache(path))
 
 
 def find_shards(data_dir: Path, split: str) -> list[Path]:
@@ -715,6 +765,18 @@ def configure_optimizer(model: nn.Module, weight_decay: float, lr: float, betas:
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=device_type == "cuda")
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """optimizer.load_state_dict, keeping this optimizer's implementation (fused / foreach / capturable).
+
+    A state dict carries its param groups' flags, and load_state_dict would take them: a checkpoint
+    written on a CPU would silently turn off fused AdamW for the rest of a GPU run.
+    """
+    keep = ("fused", "foreach", "capturable")
+    groups = [{**saved, **{k: now[k] for k in keep if k in now}}
+              for saved, now in zip(state["param_groups"], optimizer.param_groups)]
+    optimizer.load_state_dict({**state, "param_groups": groups})
 
 
 def get_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
@@ -850,20 +912,28 @@ def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
 # -----------------------------------------------------------------------------
 # Training loop
 
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per GPU
+# dense bf16 tensor-core peaks per GPU from NVIDIA's data sheets, the most specific name first
+# (the first substring of torch.cuda.get_device_name that matches wins); TF32 is half of these
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12, "H100": 989e12, "H200": 989e12,
+                   "GH200": 989e12, "A100": 312e12}
 
 
-def peak_flops(device: str) -> float | None:
+def peak_flops(device: str, bf16: bool = True) -> float | None:
+    """Peak matmul FLOP/s of the GPU that MFU is measured against; None when unknown (or not a GPU)."""
     if not device.startswith("cuda"):
         return None
     name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    return peak if peak is None or bf16 else peak / 2
 
 
 def flops_per_token(model: GPT, T: int) -> int:
-    """6N for the matmuls with the parameters (forward + backward) + 6*L*C*T for attention."""
+    """Training FLOPs per token, as nanoGPT and the PaLM paper count them (so MFUs compare): 6N for the
+    matmuls with the N non-embedding parameters (forward + backward; the tied lm_head counts, wpe does
+    not) + 12*L*C*T for attention's two T-long matmuls per layer (causal masking not discounted)."""
     c = model.config
-    return 6 * model.num_parameters() + 6 * c.n_layer * c.n_embd * T
+    n = model.num_parameters() - model.transformer.wpe.weight.numel()
+    return 6 * n + 12 * c.n_layer * c.n_embd * T
 
 
 class TrainingDiverged(RuntimeError):
@@ -943,14 +1013,10 @@ def open_data(cfg: TrainConfig, dist: Dist, B: int, T: int, need_val: bool, voca
     for name, shard in list(zip(all_names, all_shards))[dist.rank::dist.world_size]:
         try:
             check_tokens(name, shard if isinstance(shard, np.ndarray) else open_shard(shard), vocab_size)
-        except TrainError as e:
+        except Exception as e:  # a bad shard, or an unreadable one: every rank must stop
             error = e
             break
-    bad = all_reduce_sum(torch.tensor([float(error is not None)]))
-    if error is not None:
-        raise error
-    if bad.item() > 0:
-        raise TrainError("another rank found a bad shard (see its error above)")
+    raise_if_any_rank_failed(error, dist, "another rank found a bad shard (see its error above)")
     kw = dict(rank=dist.rank, world_size=dist.world_size, seed=cfg.seed)
     train_loader = DataLoader(splits["train"], B, T, shuffle=cfg.shuffle, names=names["train"], **kw)
     val_loader = DataLoader(splits["val"], B, T, names=names["val"], **kw) if need_val else None
@@ -1045,8 +1111,9 @@ def _train(cfg: TrainConfig, dist: Dist, on_step) -> dict:
     optimizer = configure_optimizer(raw_model, cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), cfg.eps,
                                     device_type)
     start_step, val_loss = 0, None
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
+    resumed = ckpt is not None
+    if resumed:
+        load_optimizer_state(optimizer, ckpt["optimizer"])
         train_loader.load_state_dict(ckpt["loader"])
         start_step, val_loss = ckpt["step"] + 1, ckpt.get("val_loss")
         rng = ckpt["rng"][dist.rank] if len(ckpt["rng"]) == ws else ckpt["rng"][0]
@@ -1054,19 +1121,21 @@ def _train(cfg: TrainConfig, dist: Dist, on_step) -> dict:
         if device_type == "cuda" and "cuda" in rng:
             torch.cuda.set_rng_state(rng["cuda"], device)
         log(f"resuming from {ckpt_path} at step {start_step}")
+        del ckpt  # every rank holds it in host memory: model + Adam state, 1.5 GB at 124M, 18 GB for gpt2-xl
     use_compile = cfg.compile if cfg.compile is not None else device_type == "cuda"
     # training runs through the compiled module; evaluation of other shapes (HellaSwag, sampling)
     # runs through raw_model, eagerly, so it never triggers a recompile
     compiled = torch.compile(raw_model) if use_compile else raw_model
-    model = DDP(compiled, device_ids=[dist.local_rank] if device_type == "cuda" else None) if ws > 1 else compiled
+    model = DDP(compiled, device_ids=[torch.device(device).index] if device_type == "cuda" else None) \
+        if ws > 1 else compiled
     use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device_type == "cuda")
     autocast = (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
-    fpt, peak = flops_per_token(raw_model, T), peak_flops(device)
+    fpt, peak = flops_per_token(raw_model, T), peak_flops(device, bf16=use_bf16)
     min_lr = cfg.max_lr * cfg.min_lr_ratio
 
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / "log.txt"
-    if dist.master and ckpt is None:
+    if dist.master and not resumed:
         log_path.write_text("")  # a fresh run starts a fresh log; a resumed one appends
     log(f"{raw_model.num_parameters():,} parameters | {ws} rank(s) on {device} | grad accumulation {grad_accum} "
         f"| {cfg.total_batch_size:,} tokens/step | compile {use_compile} | autocast {'bf16' if use_bf16 else 'off'}")
@@ -1129,7 +1198,7 @@ def _train(cfg: TrainConfig, dist: Dist, on_step) -> dict:
                 group["lr"] = lr
             optimizer.step()
             if device_type == "cuda":
-                torch.cuda.synchronize()
+                torch.cuda.synchronize(device)
             dt = time.time() - t0
             tokens_per_sec = B * T * grad_accum * ws / dt
             mfu = tokens_per_sec * fpt / peak / ws if peak else None
