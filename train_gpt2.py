@@ -1050,7 +1050,8 @@ def _gather_rng_states(dist: Dist) -> list[dict]:
 
 
 def train(cfg: TrainConfig, on_step=None) -> dict:
-    """Run training. on_step(step, stats) is called after every optimizer step (tests, notebooks)."""
+    """Run training. on_step(step, stats) is called after every optimizer step (tests, notebooks, the
+    benchmark): stats holds loss, lr, norm, dt (seconds), tokens_per_sec, mfu (None off a known GPU), model."""
     dist = setup_distributed(cfg.device)
     try:
         history = _train(cfg, dist, on_step)
@@ -1170,7 +1171,7 @@ def _train(cfg: TrainConfig, dist: Dist, on_step) -> dict:
                         print(f"rank {dist.rank} sample {i}: {text}", flush=True)
 
             # ---- one optimizer step over grad_accum micro-batches -----------------------------
-            t0 = time.time()
+            t0 = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             loss_accum = torch.zeros((), device=device)
             for micro_step in range(grad_accum):
@@ -1199,7 +1200,7 @@ def _train(cfg: TrainConfig, dist: Dist, on_step) -> dict:
             optimizer.step()
             if device_type == "cuda":
                 torch.cuda.synchronize(device)
-            dt = time.time() - t0
+            dt = time.perf_counter() - t0
             tokens_per_sec = B * T * grad_accum * ws / dt
             mfu = tokens_per_sec * fpt / peak / ws if peak else None
             mfu_text = f"{100 * mfu:.1f}%" if mfu is not None else "-"
@@ -1225,7 +1226,8 @@ def _train(cfg: TrainConfig, dist: Dist, on_step) -> dict:
                     history["checkpoints"].append(str(path))
                     log(f"saved {path}")
             if on_step is not None:  # after the checkpoint: a callback may inspect (or break) the model
-                on_step(step, {"loss": loss_value, "lr": lr, "norm": norm, "model": raw_model})
+                on_step(step, {"loss": loss_value, "lr": lr, "norm": norm, "dt": dt, "tokens_per_sec": tokens_per_sec,
+                               "mfu": mfu, "model": raw_model})
             if stopping:
                 log(f"stopped after step {step}; continue with --resume")
                 break

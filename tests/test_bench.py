@@ -7,10 +7,11 @@ identical to the reference's); the speeds themselves are measured by running the
 import dataclasses
 import re
 
+import pytest
 import torch
 
 import train_gpt2 as tg
-from bench import bench_fineweb, bench_generate, bench_hellaswag
+from bench import bench_fineweb, bench_generate, bench_hellaswag, bench_train
 
 
 def test_bench_hellaswag_breakdown(capsys):
@@ -38,3 +39,14 @@ def test_bench_fineweb_small(tmp_path, capsys):
                         "--no-rss", "--work-dir", str(tmp_path)])
     out = capsys.readouterr().out
     assert "reference-style shards identical to fineweb.py's: True" in out, out
+
+
+def test_bench_train_runs_the_training_loop(capsys):
+    tiny = ["--seq-len", "32", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32",
+            "--vocab-size", "512", "--device", "cpu"]
+    bench_train.main(["--micro-batch-sizes", "2,3", "--compile", "off", "--warmup", "1", "--steps", "3", *tiny])
+    out = capsys.readouterr().out
+    rows = re.findall(r"^\| (\d+) \| off \| ([\d.]+) \| ([\d,]+) \| - \| - \|$", out, re.M)
+    assert [int(b) for b, _, _ in rows] == [2, 3], out
+    for b, ms, tok_s in rows:  # both columns are the loop's own per-step numbers: tokens/s = B*T / (ms/1000)
+        assert int(tok_s.replace(",", "")) == pytest.approx(int(b) * 32 / (float(ms) / 1000), rel=0.01)

@@ -1,0 +1,134 @@
+"""
+Training speed: ms/step, tokens/s, MFU and peak GPU memory of train_gpt2.py's own training loop.
+
+    python bench/bench_train.py                                      # GPT-2 124M, micro-batch 16/32/64 x compile on/off
+    python bench/bench_train.py --data edu_fineweb10B --steps 50     # real shards instead of synthetic tokens
+    python bench/bench_train.py --micro-batch-sizes 64 --compile on --dtype float32   # any train_gpt2.py flag
+
+Each configuration runs train_gpt2.train() itself (the code a real run executes: autocast, compile,
+fused AdamW, clipping, the loss all-reduce) for --warmup steps, which are not timed (compilation,
+allocator, cuDNN autotuning), and then --steps timed steps. A step is one micro-batch (no gradient
+accumulation), as in the reference's "ms per 16x1024-token step". Timing and MFU come from the loop's
+own per-step numbers (it synchronizes the GPU before stopping the clock): the medians are printed.
+Peak memory is torch.cuda.max_memory_allocated over the whole run of that configuration.
+
+Flags it does not know go to train_gpt2.py (model size, --seq-len, --dtype, --device, ...). Without
+--data the tokens are random (the speed of a step does not depend on them). The output is a markdown
+table with the GPU, torch version and date, to paste into BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import io
+import platform
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: the modules live one level up
+
+import train_gpt2 as tg  # noqa: E402
+
+
+class _Done(Exception):
+    """Raised from on_step after the last timed step: ends the run before its final checkpoint."""
+
+
+def synthetic_shards(folder: Path, tokens: int, vocab: int, seed: int = 0) -> Path:
+    """One train shard of random tokens in fineweb.py's format."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    np.save(folder / "synthetic_train_000001.npy", rng.integers(0, vocab, size=tokens, dtype=np.uint16))
+    return folder
+
+
+def run_config(train_args: list[str], warmup: int, steps: int, cuda: bool) -> dict:
+    """Train for warmup + steps steps; the timed steps' dt/tok/s/MFU and the peak memory."""
+    cfg = tg.parse_train_args(train_args + ["--max-steps", str(warmup + steps + 1)])
+    timed = []
+
+    def on_step(step, stats):
+        if step >= warmup:
+            timed.append((stats["dt"], stats["tokens_per_sec"], stats["mfu"]))
+        if step == warmup + steps - 1:
+            raise _Done
+
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    log = io.StringIO()  # the loop's per-step lines: shown only if the run fails
+    try:
+        with contextlib.redirect_stdout(log):
+            tg.train(cfg, on_step=on_step)
+    except _Done:
+        pass
+    except torch.cuda.OutOfMemoryError:
+        return {"oom": True}
+    except BaseException:
+        print(log.getvalue(), file=sys.stderr)
+        raise
+    finally:
+        torch._dynamo.reset()  # each configuration compiles its own model; keep dynamo's caches from filling
+        gc.collect()
+    med = lambda i: statistics.median(t[i] for t in timed)
+    mfu = med(2) if all(t[2] is not None for t in timed) else None
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    return {"oom": False, "ms": 1000 * med(0), "tok_s": med(1), "mfu": mfu, "peak_gib": peak}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                epilog="Other flags are train_gpt2.py's (e.g. --seq-len, --dtype, --n-layer).")
+    p.add_argument("--data", default="", help="a shard folder (default: random tokens in a temporary folder)")
+    p.add_argument("--micro-batch-sizes", default="16,32,64", help="comma-separated sequences per step to sweep")
+    p.add_argument("--compile", default="on,off", help="comma-separated: on, off or both")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, autotuning)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps; medians are reported")
+    args, train_flags = p.parse_known_args(argv)
+    batch_sizes = [int(b) for b in args.micro_batch_sizes.split(",")]
+    compile_modes = [c.strip() for c in args.compile.split(",")]
+    if any(c not in ("on", "off") for c in compile_modes) or min(batch_sizes) < 1 or args.steps < 1:
+        p.error("--compile takes on/off, --micro-batch-sizes positive integers, --steps at least 1")
+    base = tg.parse_train_args(train_flags)  # the train flags, checked once up front
+    T = base.seq_len
+    dist = tg.Dist(device=tg.default_device() if base.device == "auto" else base.device)
+    cuda = dist.device_type == "cuda"
+    if cuda:
+        name = f"{torch.cuda.get_device_name(dist.device)}, CUDA {torch.version.cuda}"
+    else:
+        name = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
+        tmp = Path(tmp)
+        most = max(batch_sizes) * T * (args.warmup + args.steps + 2) + 1
+        data = Path(args.data) if args.data else synthetic_shards(tmp / "data", most, min(base.vocab_size, 50257))
+        print(f"{datetime.date.today()} | {dist.device} ({name}) | torch {torch.__version__} | "
+              f"data {'random tokens' if not args.data else data} | T={T} | {args.warmup} warm-up + {args.steps} "
+              f"timed steps, one micro-batch each")
+        print("\n| micro-batch | compile | ms/step | tokens/s | MFU | peak memory |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for B in batch_sizes:
+            for mode in compile_modes:
+                run_args = [*train_flags, "--data", str(data), "--log-dir", str(tmp / f"log_{B}_{mode}"),
+                            "--micro-batch-size", str(B), "--total-batch-size", str(B * T),
+                            "--eval-interval", "0", "--no-hellaswag", "--num-samples", "0",
+                            "--compile" if mode == "on" else "--no-compile"]
+                r = run_config(run_args, args.warmup, args.steps, cuda)
+                if r["oom"]:
+                    print(f"| {B} | {mode} | out of memory | | | |", flush=True)
+                    continue
+                mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+                peak = f"{r['peak_gib']:.1f} GiB" if r["peak_gib"] is not None else "-"
+                print(f"| {B} | {mode} | {r['ms']:.2f} | {r['tok_s']:,.0f} | {mfu} | {peak} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
