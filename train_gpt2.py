@@ -232,6 +232,58 @@ class Block(nn.Module):
         return x
 
 
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of logits = h @ weight.T against targets (-1: ignored), `chunk` rows at a time.
+
+    The (N, vocab) logits never exist at once: at GPT-2's micro-batch 64 they would be 3.3 G entries,
+    13 GB in fp32, kept for the backward. The loss is the end of the graph, so its gradient with respect
+    to the logits (softmax - one-hot, over the count) is known in the forward pass: each chunk's
+    gradients for h and weight are computed there and then, and backward only scales them. Same matmuls
+    as autograd's forward + backward; logits in the autocast dtype, softmax in fp32, as F.cross_entropy
+    on logits.float() has them.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk: int, dtype: torch.dtype, grads: bool):
+        valid = targets != -1  # (N,)
+        count = valid.sum().clamp(min=1).float()
+        grad_h = torch.empty_like(h) if grads and ctx.needs_input_grad[0] else None  # (N, C)
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if grads and ctx.needs_input_grad[1] else None
+        w = weight.to(dtype)  # (V, C)
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        for i in range(0, h.size(0), chunk):
+            hc, yc, vc = h[i:i + chunk].to(dtype), targets[i:i + chunk].clamp(min=0), valid[i:i + chunk]
+            logits = (hc @ w.T).float()  # (n, V)
+            lse = torch.logsumexp(logits, dim=1)  # (n,)
+            loss += ((lse - logits.gather(1, yc[:, None]).squeeze(1)) * vc).sum()
+            if grad_h is None and grad_w is None:
+                continue
+            g = logits.sub_(lse[:, None]).exp_()  # softmax, in place: the logits are not needed again
+            g.scatter_add_(1, yc[:, None], torch.full_like(lse[:, None], -1.0))  # - one-hot
+            g = g.mul_((vc / count)[:, None]).to(dtype)  # d(mean loss)/d logits (n, V); ignored rows 0
+            if grad_h is not None:
+                grad_h[i:i + chunk] = g @ w
+            if grad_w is not None:
+                grad_w += (g.T @ hc).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        return loss / count
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        return (grad_h * grad_loss if grad_h is not None else None,
+                grad_w * grad_loss if grad_w is not None else None, None, None, None, None)
+
+
+def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """F.cross_entropy(h @ weight.T, targets, ignore_index=-1), chunk rows at a time; h (N, C), targets (N,)."""
+    device_type = h.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else h.dtype
+    grads = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    with torch.autocast(device_type, enabled=False):  # the dtypes above are applied by hand
+        return ChunkedLinearCrossEntropy.apply(h, weight, targets, chunk, dtype, grads)
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -261,11 +313,13 @@ class GPT(nn.Module):
         """All parameters, the tied wte/lm_head matrix counted once."""
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx, targets=None, kv_cache: KVCache | None = None, logits_at=None):
+    def forward(self, idx, targets=None, kv_cache: KVCache | None = None, logits_at=None, loss_chunk: int = 0):
         """logits (B, T, vocab) and the mean cross-entropy against targets (B, T), if given.
 
         logits_at, a bool mask (B, T), computes logits (M, vocab) at those M positions only: the
         output layer is the costliest matmul of a small model, and HellaSwag scores few positions.
+        loss_chunk > 0 (with targets) computes the output layer and loss that many tokens at a time
+        and returns no logits (None): see ChunkedLinearCrossEntropy.
         """
         B, T = idx.size()
         start = kv_cache.pos if kv_cache is not None else 0
@@ -278,6 +332,9 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.pos += T
         x = self.transformer.ln_f(x)
+        if targets is not None and loss_chunk > 0 and logits_at is None:
+            loss = chunked_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1), loss_chunk)
+            return None, loss
         if logits_at is not None:
             x = x[logits_at]  # (M, C)
         logits = self.lm_head(x)  # (B, T, vocab_size), or (M, vocab_size)
@@ -837,6 +894,7 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda:LOCAL_RANK, mps or cpu), or cpu, cuda, cuda:1, mps
     dtype: str = "auto"  # autocast: bfloat16 or float32; auto is bfloat16 on CUDA, float32 elsewhere
     compile: bool | None = None  # torch.compile the training step (default: on CUDA only)
+    loss_chunk: int = 0  # >0: output layer + loss this many tokens at a time, never all the logits at once (memory)
     seed: int = 1337  # model init and --shuffle
     shuffle: bool = False  # permute shards and windows each epoch (default: in order, as the reference)
 
@@ -846,7 +904,7 @@ PRESETS = {
     "shakespeare": dict(
         data="input.txt", log_dir="log_shakespeare", n_layer=4, n_head=4, n_embd=128, block_size=128,
         total_batch_size=1024, micro_batch_size=8, seq_len=128, max_lr=3e-3, warmup_steps=10, max_steps=200,
-        eval_interval=50, val_steps=4, hellaswag=False, checkpoint_interval=100, num_samples=2,
+        eval_interval=50, val_steps=4, hellaswag=False, checkpoint_interval=100, num_samples=2, loss_chunk=256,
     ),
 }
 
@@ -1024,14 +1082,14 @@ def open_data(cfg: TrainConfig, dist: Dist, B: int, T: int, need_val: bool, voca
 
 
 @torch.no_grad()
-def evaluate_loss(model, loader: DataLoader, steps: int, device: str, autocast) -> float:
+def evaluate_loss(model, loader: DataLoader, steps: int, device: str, autocast, loss_chunk: int = 0) -> float:
     """Mean loss over the same `steps` batches every time, averaged over ranks."""
     loader.reset()
     total = torch.zeros((), device=device)
     for _ in range(steps):
         x, y = loader.next_batch()
         with autocast():
-            _, loss = model(to_device(x, device), to_device(y, device))
+            _, loss = model(to_device(x, device), to_device(y, device), loss_chunk=loss_chunk)
         total += loss.detach().float() / steps
     return all_reduce_sum(total).item() / loader.world_size  # Gloo has no AVG
 
@@ -1076,6 +1134,8 @@ def _train(cfg: TrainConfig, dist: Dist, on_step) -> dict:
         raise TrainError(f"--total-batch-size {cfg.total_batch_size} is not divisible by micro-batch {B} x "
                          f"seq-len {T} x {ws} ranks = {B * T * ws}: change one of them")
     grad_accum = cfg.total_batch_size // (B * T * ws)
+    if cfg.loss_chunk < 0:
+        raise TrainError(f"--loss-chunk {cfg.loss_chunk}: give a number of tokens, or 0 for one matmul")
     if cfg.dtype not in ("auto", "bfloat16", "float32"):
         raise TrainError(f"--dtype {cfg.dtype}: use auto, bfloat16 or float32")
     log_dir = Path(cfg.log_dir)
@@ -1154,7 +1214,7 @@ def _train(cfg: TrainConfig, dist: Dist, on_step) -> dict:
 
             # ---- evaluation: validation loss, HellaSwag, samples ----------------------------
             if need_eval and (step % cfg.eval_interval == 0 or last_step):
-                val_loss = evaluate_loss(compiled, val_loader, cfg.val_steps, device, autocast)
+                val_loss = evaluate_loss(compiled, val_loader, cfg.val_steps, device, autocast, cfg.loss_chunk)
                 history["val"][step] = val_loss
                 log(f"step {step:5d} | validation loss {val_loss:.4f}")
                 write_log(step, val=f"{val_loss:.4f}")
@@ -1181,7 +1241,7 @@ def _train(cfg: TrainConfig, dist: Dist, on_step) -> dict:
                 sync = ws == 1 or micro_step == grad_accum - 1
                 with nullcontext() if sync else model.no_sync():
                     with autocast():
-                        _, loss = model(x, y)
+                        _, loss = model(x, y, loss_chunk=cfg.loss_chunk)
                     loss = loss / grad_accum  # the mean over the whole batch, not a sum of means
                     loss_accum += loss.detach()
                     loss.backward()

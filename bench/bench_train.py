@@ -1,16 +1,19 @@
 """
-Training speed: ms/step, tokens/s, MFU and peak GPU memory of train_gpt2.py's own training loop.
+Training speed: ms/step, tokens/s, MFU and peak memory of train_gpt2.py's own training loop.
 
     python bench/bench_train.py                                      # GPT-2 124M, micro-batch 16/32/64 x compile on/off
     python bench/bench_train.py --data edu_fineweb10B --steps 50     # real shards instead of synthetic tokens
-    python bench/bench_train.py --micro-batch-sizes 64 --compile on --dtype float32   # any train_gpt2.py flag
+    python bench/bench_train.py --micro-batch-sizes 64 --compile on --loss-chunks 0,8192   # the chunked loss
+    python bench/bench_train.py --preset shakespeare --micro-batch-sizes 8 --compile off --loss-chunks 0,1024  # CPU
 
 Each configuration runs train_gpt2.train() itself (the code a real run executes: autocast, compile,
 fused AdamW, clipping, the loss all-reduce) for --warmup steps, which are not timed (compilation,
-allocator, cuDNN autotuning), and then --steps timed steps. A step is one micro-batch (no gradient
-accumulation), as in the reference's "ms per 16x1024-token step". Timing and MFU come from the loop's
-own per-step numbers (it synchronizes the GPU before stopping the clock): the medians are printed.
-Peak memory is torch.cuda.max_memory_allocated over the whole run of that configuration.
+allocator, cuDNN autotuning), and then --steps timed steps. It sweeps micro-batch, compile and
+--loss-chunk; each loss chunk is compared with the one-matmul loss (0) of the same micro-batch and
+compile setting. A step is one micro-batch (no gradient accumulation), as in the reference's "ms per
+16x1024-token step". Timing and MFU come from the loop's own per-step numbers (it synchronizes the GPU
+before stopping the clock): the medians are printed. Each configuration runs in a fresh process; its
+peak memory is torch.cuda.max_memory_allocated on a GPU, the process's peak RSS on a CPU.
 
 Flags it does not know go to train_gpt2.py (model size, --seq-len, --dtype, --device, ...). Without
 --data the tokens are random (the speed of a step does not depend on them). The output is a markdown
@@ -22,12 +25,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import gc
 import io
+import itertools
+import multiprocessing
 import platform
 import statistics
 import sys
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +56,13 @@ def synthetic_shards(folder: Path, tokens: int, vocab: int, seed: int = 0) -> Pa
 
 
 def run_config(train_args: list[str], warmup: int, steps: int, cuda: bool) -> dict:
-    """Train for warmup + steps steps; the timed steps' dt/tok/s/MFU and the peak memory."""
+    """Train for warmup + steps steps; the timed steps' dt/tok/s/MFU and the peak memory.
+
+    Runs in a fresh process per configuration (see main): nothing compiled, cached or allocated by one
+    configuration is there for the next, and on a CPU the process's peak RSS is this configuration's.
+    """
+    import resource
+
     cfg = tg.parse_train_args(train_args + ["--max-steps", str(warmup + steps + 1)])
     timed = []
 
@@ -75,12 +86,12 @@ def run_config(train_args: list[str], warmup: int, steps: int, cuda: bool) -> di
     except BaseException:
         print(log.getvalue(), file=sys.stderr)
         raise
-    finally:
-        torch._dynamo.reset()  # each configuration compiles its own model; keep dynamo's caches from filling
-        gc.collect()
     med = lambda i: statistics.median(t[i] for t in timed)
     mfu = med(2) if all(t[2] is not None for t in timed) else None
-    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() / 2**30
+    else:  # Linux reports ru_maxrss in KiB
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return {"oom": False, "ms": 1000 * med(0), "tok_s": med(1), "mfu": mfu, "peak_gib": peak}
 
 
@@ -90,13 +101,17 @@ def main(argv=None) -> None:
     p.add_argument("--data", default="", help="a shard folder (default: random tokens in a temporary folder)")
     p.add_argument("--micro-batch-sizes", default="16,32,64", help="comma-separated sequences per step to sweep")
     p.add_argument("--compile", default="on,off", help="comma-separated: on, off or both")
+    p.add_argument("--loss-chunks", default="0", help="comma-separated --loss-chunk values to sweep (0: one matmul)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, autotuning)")
     p.add_argument("--steps", type=int, default=20, help="timed steps; medians are reported")
     args, train_flags = p.parse_known_args(argv)
     batch_sizes = [int(b) for b in args.micro_batch_sizes.split(",")]
     compile_modes = [c.strip() for c in args.compile.split(",")]
-    if any(c not in ("on", "off") for c in compile_modes) or min(batch_sizes) < 1 or args.steps < 1:
-        p.error("--compile takes on/off, --micro-batch-sizes positive integers, --steps at least 1")
+    loss_chunks = [int(c) for c in args.loss_chunks.split(",")]
+    if any(c not in ("on", "off") for c in compile_modes) or min(batch_sizes) < 1 or min(loss_chunks) < 0 \
+            or args.steps < 1:
+        p.error("--compile takes on/off, --micro-batch-sizes positive integers, --loss-chunks integers >= 0, "
+                "--steps at least 1")
     base = tg.parse_train_args(train_flags)  # the train flags, checked once up front
     T = base.seq_len
     dist = tg.Dist(device=tg.default_device() if base.device == "auto" else base.device)
@@ -113,21 +128,26 @@ def main(argv=None) -> None:
         print(f"{datetime.date.today()} | {dist.device} ({name}) | torch {torch.__version__} | "
               f"data {'random tokens' if not args.data else data} | T={T} | {args.warmup} warm-up + {args.steps} "
               f"timed steps, one micro-batch each")
-        print("\n| micro-batch | compile | ms/step | tokens/s | MFU | peak memory |")
-        print("| --- | --- | --- | --- | --- | --- |")
-        for B in batch_sizes:
-            for mode in compile_modes:
-                run_args = [*train_flags, "--data", str(data), "--log-dir", str(tmp / f"log_{B}_{mode}"),
-                            "--micro-batch-size", str(B), "--total-batch-size", str(B * T),
-                            "--eval-interval", "0", "--no-hellaswag", "--num-samples", "0",
-                            "--compile" if mode == "on" else "--no-compile"]
-                r = run_config(run_args, args.warmup, args.steps, cuda)
-                if r["oom"]:
-                    print(f"| {B} | {mode} | out of memory | | | |", flush=True)
-                    continue
-                mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
-                peak = f"{r['peak_gib']:.1f} GiB" if r["peak_gib"] is not None else "-"
-                print(f"| {B} | {mode} | {r['ms']:.2f} | {r['tok_s']:,.0f} | {mfu} | {peak} |", flush=True)
+        print("\n| micro-batch | compile | loss chunk | ms/step | speed vs chunk 0 | tokens/s | MFU | peak memory |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        baseline = {}  # (B, compile) -> ms/step with one matmul, to compare each loss chunk with
+        for B, mode, chunk in itertools.product(batch_sizes, compile_modes, loss_chunks):
+            run_args = [*train_flags, "--data", str(data), "--log-dir", str(tmp / f"log_{B}_{mode}_{chunk}"),
+                        "--micro-batch-size", str(B), "--total-batch-size", str(B * T), "--loss-chunk", str(chunk),
+                        "--eval-interval", "0", "--no-hellaswag", "--num-samples", "0",
+                        "--compile" if mode == "on" else "--no-compile"]
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                r = pool.submit(run_config, run_args, args.warmup, args.steps, cuda).result()
+            row = f"| {B} | {mode} | {chunk or '-'} | "
+            if r["oom"]:
+                print(row + "out of memory | | | | |", flush=True)
+                continue
+            if chunk == 0:
+                baseline[B, mode] = r["ms"]
+            ratio = f"{baseline[B, mode] / r['ms']:.2f}x" if (B, mode) in baseline else "-"
+            mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+            peak = f"{r['peak_gib']:.2f} GiB"
+            print(row + f"{r['ms']:.2f} | {ratio} | {r['tok_s']:,.0f} | {mfu} | {peak} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -44,9 +44,13 @@ def test_bench_fineweb_small(tmp_path, capsys):
 def test_bench_train_runs_the_training_loop(capsys):
     tiny = ["--seq-len", "32", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32",
             "--vocab-size", "512", "--device", "cpu"]
-    bench_train.main(["--micro-batch-sizes", "2,3", "--compile", "off", "--warmup", "1", "--steps", "3", *tiny])
+    bench_train.main(["--micro-batch-sizes", "3", "--compile", "off", "--loss-chunks", "0,16", "--warmup", "1",
+                      "--steps", "3", *tiny])
     out = capsys.readouterr().out
-    rows = re.findall(r"^\| (\d+) \| off \| ([\d.]+) \| ([\d,]+) \| - \| - \|$", out, re.M)
-    assert [int(b) for b, _, _ in rows] == [2, 3], out
-    for b, ms, tok_s in rows:  # both columns are the loop's own per-step numbers: tokens/s = B*T / (ms/1000)
+    row = r"^\| (\d+) \| off \| (-|16) \| ([\d.]+) \| ([\d.]+)x \| ([\d,]+) \| - \| ([\d.]+) GiB \|$"
+    rows = re.findall(row, out, re.M)
+    assert [(int(b), c) for b, c, *_ in rows] == [(3, "-"), (3, "16")], out
+    assert rows[0][3] == "1.00"  # the one-matmul row is the baseline
+    assert all(0.1 < float(r[5]) < 8 for r in rows)  # each configuration's own process: its peak RSS
+    for b, _, ms, _, tok_s, _ in rows:  # both columns are the loop's own per-step numbers: tokens/s = B*T / (ms/1000)
         assert int(tok_s.replace(",", "")) == pytest.approx(int(b) * 32 / (float(ms) / 1000), rel=0.01)

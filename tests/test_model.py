@@ -161,6 +161,45 @@ def test_loss_accepts_sliced_targets():
     assert got.item() == want.item()
 
 
+# -- the chunked output layer + loss -------------------------------------------------------------
+
+
+def loss_and_grads(model, idx, targets, **kw):
+    _, loss = model(idx, targets, **kw)
+    return loss, torch.autograd.grad(loss, list(model.parameters()))
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 10_000])
+def test_chunked_loss_equals_cross_entropy(chunk):
+    """The loss and every parameter's gradient (the tied wte/lm_head too) equal F.cross_entropy's, in fp32;
+    ignored targets (-1) count nowhere; the last chunk may be short."""
+    model = perturb_(GPT(tiny_config()))
+    idx, targets = random_tokens(3, 21, 1000), random_tokens(3, 21, 1000, seed=2)
+    targets[0, :5] = -1
+    want, want_grads = loss_and_grads(model, idx, targets)
+    got, got_grads = loss_and_grads(model, idx, targets, loss_chunk=chunk)
+    assert model(idx, targets, loss_chunk=chunk)[0] is None  # no logits: that is the point
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    for (name, _), g, w in zip(model.named_parameters(), got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7, msg=name)
+    with torch.no_grad():  # evaluation: the same loss, and no gradient work
+        assert torch.allclose(model(idx, targets, loss_chunk=chunk)[1], want, rtol=1e-6, atol=1e-6)
+
+
+def test_chunked_loss_under_bf16_autocast_matches_the_plain_path():
+    """Under autocast both paths compute bf16 logits and an fp32 softmax: the same numbers up to bf16 rounding."""
+    model = perturb_(GPT(tiny_config()))
+    idx, targets = random_tokens(2, 32, 1000), random_tokens(2, 32, 1000, seed=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, want_grads = loss_and_grads(model, idx, targets)
+        got, got_grads = loss_and_grads(model, idx, targets, loss_chunk=16)
+    assert got.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for g, w in zip(got_grads, want_grads):
+        assert g.dtype == w.dtype
+        torch.testing.assert_close(g, w, rtol=0.02, atol=5e-4)  # bf16 matmuls, blocked differently
+
+
 def test_unknown_name_is_a_value_error_without_network(monkeypatch):
     def no_network(*args, **kwargs):
         raise AssertionError("tried to reach the network")

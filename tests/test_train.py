@@ -88,6 +88,20 @@ def test_accumulation_gives_the_same_gradients(shards, tmp_path):
         torch.testing.assert_close(grads["2x2"][name], g, rtol=1e-5, atol=1e-7, msg=name)
 
 
+def assert_same_parameters(got: dict, want: dict, rtol: float = 1e-5, atol: float = 1e-6) -> None:
+    """Two state dicts of the tiny model (n_embd 32) after the same training, up to float rounding."""
+    assert got.keys() == want.keys()
+    for name, p in want.items():
+        q = got[name]
+        if name.endswith("attn.c_attn.bias"):
+            # the key bias cannot change attention (softmax ignores a shift along the keys), so its
+            # gradient is rounding noise that Adam normalizes to full-size steps: loose there only
+            key = slice(32, 64)
+            torch.testing.assert_close(q[key], p[key], rtol=0, atol=1e-4, msg=name)
+            p, q = torch.cat([p[:32], p[64:]]), torch.cat([q[:32], q[64:]])
+        torch.testing.assert_close(q, p, rtol=rtol, atol=atol, msg=name)
+
+
 def test_ddp_two_ranks_equals_one_process_accumulating(shards, tmp_path):
     args = lambda d: tiny_args(shards, d, "--eval-interval", "0", B=2, total=64, steps=3)
     torchrun(args(tmp_path / "ddp"), nproc=2)
@@ -95,15 +109,7 @@ def test_ddp_two_ranks_equals_one_process_accumulating(shards, tmp_path):
     ddp = checkpoint_tensors(tmp_path / "ddp" / "model_00002.pt")
     single = checkpoint_tensors(tmp_path / "single" / "model_00002.pt")
     assert ddp["world_size"] == 2 and single["world_size"] == 1
-    for name, p in single["model"].items():
-        q = ddp["model"][name]
-        if name.endswith("attn.c_attn.bias"):
-            # the key bias cannot change attention (softmax ignores a shift along the keys), so its
-            # gradient is rounding noise that Adam normalizes to full-size steps: loose there only
-            key = slice(32, 64)
-            torch.testing.assert_close(q[key], p[key], rtol=0, atol=1e-4, msg=name)
-            p, q = torch.cat([p[:32], p[64:]]), torch.cat([q[:32], q[64:]])
-        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)
+    assert_same_parameters(ddp["model"], single["model"])
     losses = lambda d: [line for line in (d / "log.txt").read_text().splitlines() if " train " in line]
     for a, b in zip(losses(tmp_path / "ddp"), losses(tmp_path / "single"), strict=True):
         assert float(a.split()[2]) == pytest.approx(float(b.split()[2]), rel=1e-5)
@@ -422,7 +428,18 @@ HELLASWAG_FIXTURE = [
 ]
 
 
-def test_compile_with_eval_hellaswag_and_samples_does_not_recompile(shards, tmp_path, capsys):
+def test_chunked_loss_trains_like_the_plain_loss(shards, tmp_path):
+    plain = run(tiny_args(shards, tmp_path / "plain"))
+    chunked = run(tiny_args(shards, tmp_path / "chunked", "--loss-chunk", "5"))
+    assert plain["train"].keys() == chunked["train"].keys() and plain["val"].keys() == chunked["val"].keys()
+    for k in ("train", "val"):
+        assert chunked[k] == pytest.approx(plain[k], rel=1e-5), k
+    a, b = (torch.load(r["checkpoints"][-1], weights_only=True)["model"] for r in (plain, chunked))
+    assert_same_parameters(b, a)
+
+
+@pytest.mark.parametrize("loss_chunk", ["0", "48"])
+def test_compile_with_eval_hellaswag_and_samples_does_not_recompile(shards, tmp_path, capsys, loss_chunk):
     gpt2_shards = tmp_path / "gpt2_shards"
     gpt2_shards.mkdir()
     for f in shards.glob("*.npy"):  # the same tokens, read by a model with GPT-2's vocabulary
@@ -433,11 +450,12 @@ def test_compile_with_eval_hellaswag_and_samples_does_not_recompile(shards, tmp_
 
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
+    counters.clear()  # reset() keeps them: an earlier compile (another parametrization) would count here
     graphs = {}
     on_step = lambda step, stats: graphs.__setitem__(step, counters["stats"]["unique_graphs"])
     args = tiny_args(gpt2_shards, tmp_path / "r", steps=7) + [
         "--vocab-size", "50304", "--compile", "--eval-interval", "2", "--hellaswag", "--hellaswag-file", str(hella),
-        "--num-samples", "2", "--sample-tokens", "8"]
+        "--num-samples", "2", "--sample-tokens", "8", "--loss-chunk", loss_chunk]
     history = run(args, on_step)
     out = capsys.readouterr().out
     assert graphs[0] > 0, "the training step was not compiled"
