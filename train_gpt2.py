@@ -240,7 +240,10 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     to the logits (softmax - one-hot, over the count) is known in the forward pass: each chunk's
     gradients for h and weight are computed there and then, and backward only scales them. Same matmuls
     as autograd's forward + backward; logits in the autocast dtype, softmax in fp32, as F.cross_entropy
-    on logits.float() has them.
+    on logits.float() has them. Unlike F.cross_entropy, -1 is the only ignored target (other negatives
+    are not checked: that would cost a sync), and with every target ignored the loss is 0, not nan.
+    Under torch.compile the chunk loop is unrolled: keep the chunks few (e.g. 8192 tokens at GPT-2's
+    micro-batch 64, 8 chunks).
     """
 
     @staticmethod
@@ -269,6 +272,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         return loss / count
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the gradients were computed without a graph
     def backward(ctx, grad_loss):
         grad_h, grad_w = ctx.saved_tensors
         return (grad_h * grad_loss if grad_h is not None else None,
@@ -694,7 +698,13 @@ def tokenize_text_file(path: Path, dist: Dist) -> np.ndarray:
         except Exception as e:  # any failure: the other ranks must hear of it, not wait for rank 0 forever
             error = e
     raise_if_any_rank_failed(error, dist, f"--data {path}: rank 0 could not prepare it (see its error above)")
-    return np.load(_token_cache(path))
+    tokens = error = None
+    try:  # a node that does not see rank 0's files (no shared file system) fails here: all must hear of it
+        tokens = np.load(_token_cache(path))
+    except Exception as e:
+        error = e
+    raise_if_any_rank_failed(error, dist, f"--data {path}: another rank could not read its tokens (see its error)")
+    return tokens
 
 
 def find_shards(data_dir: Path, split: str) -> list[Path]:

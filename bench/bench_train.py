@@ -55,6 +55,15 @@ def synthetic_shards(folder: Path, tokens: int, vocab: int, seed: int = 0) -> Pa
     return folder
 
 
+def _out_of_memory(e: BaseException | None) -> bool:
+    """An out-of-memory error, also when compilation wraps it in another exception."""
+    while e is not None:
+        if isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower():
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def run_config(train_args: list[str], warmup: int, steps: int, cuda: bool) -> dict:
     """Train for warmup + steps steps; the timed steps' dt/tok/s/MFU and the peak memory.
 
@@ -81,18 +90,21 @@ def run_config(train_args: list[str], warmup: int, steps: int, cuda: bool) -> di
             tg.train(cfg, on_step=on_step)
     except _Done:
         pass
-    except torch.cuda.OutOfMemoryError:
-        return {"oom": True}
-    except BaseException:
+    except BaseException as e:
+        if _out_of_memory(e):
+            return {"oom": True}
         print(log.getvalue(), file=sys.stderr)
         raise
-    med = lambda i: statistics.median(t[i] for t in timed)
-    mfu = med(2) if all(t[2] is not None for t in timed) else None
+    # tokens/s and MFU from the median step time (with an even count, medians of tokens/s would not match it)
+    step_s = statistics.median(dt for dt, _, _ in timed)
+    tok_s = cfg.micro_batch_size * cfg.seq_len / step_s
+    _, tok_s0, mfu0 = timed[0]
+    mfu = tok_s * mfu0 / tok_s0 if mfu0 is not None else None  # MFU is proportional to tokens/s
     if cuda:
         peak = torch.cuda.max_memory_allocated() / 2**30
     else:  # Linux reports ru_maxrss in KiB
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    return {"oom": False, "ms": 1000 * med(0), "tok_s": med(1), "mfu": mfu, "peak_gib": peak}
+    return {"oom": False, "ms": 1000 * step_s, "tok_s": tok_s, "mfu": mfu, "peak_gib": peak}
 
 
 def main(argv=None) -> None:
@@ -107,7 +119,7 @@ def main(argv=None) -> None:
     args, train_flags = p.parse_known_args(argv)
     batch_sizes = [int(b) for b in args.micro_batch_sizes.split(",")]
     compile_modes = [c.strip() for c in args.compile.split(",")]
-    loss_chunks = [int(c) for c in args.loss_chunks.split(",")]
+    loss_chunks = sorted({int(c) for c in args.loss_chunks.split(",")})  # 0 first: the baseline of the others
     if any(c not in ("on", "off") for c in compile_modes) or min(batch_sizes) < 1 or min(loss_chunks) < 0 \
             or args.steps < 1:
         p.error("--compile takes on/off, --micro-batch-sizes positive integers, --loss-chunks integers >= 0, "

@@ -184,6 +184,7 @@ def test_chunked_loss_equals_cross_entropy(chunk):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7, msg=name)
     with torch.no_grad():  # evaluation: the same loss, and no gradient work
         assert torch.allclose(model(idx, targets, loss_chunk=chunk)[1], want, rtol=1e-6, atol=1e-6)
+        assert model(idx, torch.full_like(targets, -1), loss_chunk=chunk)[1].item() == 0.0  # documented: not nan
 
 
 def test_chunked_loss_under_bf16_autocast_matches_the_plain_path():

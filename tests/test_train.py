@@ -568,6 +568,34 @@ def test_rank_0_failing_stops_every_rank(tmp_path):
     assert f"--data {bad}: rank 0 could not prepare it (see its error above)" in out.stderr  # rank 1's line
 
 
+def test_a_rank_that_cannot_read_the_token_cache_stops_every_rank(tmp_path):
+    # rank 0 tokenizes; a rank that cannot then read the cache (a node without the shared file system)
+    # must take every rank down with it, not leave rank 0 alone in the next collective
+    text = tmp_path / "small.txt"
+    text.write_text("hello world. " * 200)
+    script = tmp_path / "read_tokens.py"
+    script.write_text(
+        "import sys\nfrom pathlib import Path\nimport numpy as np\nimport train_gpt2 as tg\n"
+        "dist = tg.setup_distributed('cpu')\n"
+        "if dist.rank == 1:\n"
+        "    def unreadable(*args, **kwargs):\n"
+        "        raise FileNotFoundError('not visible on this node')\n"
+        "    np.load = unreadable\n"
+        "try:\n"
+        "    tokens = tg.tokenize_text_file(Path(sys.argv[1]), dist)\n"
+        "    print(f'rank {dist.rank}: {len(tokens)} tokens', flush=True)\n"
+        "except Exception as e:\n"
+        "    print(f'rank {dist.rank}: {type(e).__name__}: {e}', flush=True)\n"
+        "finally:\n"
+        "    tg.teardown_distributed()\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(text)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    lines = sorted(line for line in out.stdout.splitlines() if line.startswith("rank "))
+    assert lines == [f"rank 0: TrainError: --data {text}: another rank could not read its tokens (see its error)",
+                     "rank 1: FileNotFoundError: not visible on this node"], out.stdout + out.stderr[-2000:]
+
+
 def test_text_file_training_writes_log_checkpoint_and_samples(tmp_path, capsys):
     text = (REPO / "input.txt") if (REPO / "input.txt").exists() else REPO.parent / "shared" / "data" / "input.txt"
     if not text.exists():
