@@ -582,18 +582,19 @@ def test_a_rank_that_cannot_read_the_token_cache_stops_every_rank(tmp_path):
         "        raise FileNotFoundError('not visible on this node')\n"
         "    np.load = unreadable\n"
         "try:\n"
-        "    tokens = tg.tokenize_text_file(Path(sys.argv[1]), dist)\n"
-        "    print(f'rank {dist.rank}: {len(tokens)} tokens', flush=True)\n"
+        "    result = f'{len(tg.tokenize_text_file(Path(sys.argv[1]), dist))} tokens'\n"
         "except Exception as e:\n"
-        "    print(f'rank {dist.rank}: {type(e).__name__}: {e}', flush=True)\n"
+        "    result = f'{type(e).__name__}: {e}'\n"
         "finally:\n"
-        "    tg.teardown_distributed()\n")
+        "    tg.teardown_distributed()\n"
+        "Path(f'rank{dist.rank}.txt').write_text(result)\n")  # a file each: the ranks' stdout can interleave
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(text)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
-    lines = sorted(line for line in out.stdout.splitlines() if line.startswith("rank "))
-    assert lines == [f"rank 0: TrainError: --data {text}: another rank could not read its tokens (see its error)",
-                     "rank 1: FileNotFoundError: not visible on this node"], out.stdout + out.stderr[-2000:]
+    results = [(tmp_path / f"rank{r}.txt").read_text() if (tmp_path / f"rank{r}.txt").exists() else None
+               for r in (0, 1)]
+    assert results == [f"TrainError: --data {text}: another rank could not read its tokens (see its error)",
+                       "FileNotFoundError: not visible on this node"], out.stdout + out.stderr[-2000:]
 
 
 def test_text_file_training_writes_log_checkpoint_and_samples(tmp_path, capsys):
