@@ -48,14 +48,22 @@ def run(args: list[str], on_step=None) -> dict:
     return tg.train(tg.parse_train_args(args), on_step=on_step)
 
 
-def torchrun(args: list[str], nproc: int = 2, timeout: int = 180, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+def torchrun(args: list[str], nproc: int = 2, timeout: int = 180, check: bool = True,
+             rank_logs: Path | None = None) -> subprocess.CompletedProcess:
+    """train_gpt2.py under torchrun; with rank_logs, each rank's stdout/stderr go to files there
+    (read them with rank_log): through one pipe, two ranks' lines can interleave."""
+    logs = ["--log-dir", str(rank_logs), "--redirects", "3"] if rank_logs else []
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *logs,
            str(REPO / "train_gpt2.py"), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
     if check:
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out
+
+
+def rank_log(rank_logs: Path, rank: int, stream: str = "stderr") -> str:
+    return next(rank_logs.glob(f"*/attempt_0/{rank}/{stream}.log")).read_text()
 
 
 def checkpoint_tensors(path: Path) -> dict:
@@ -562,10 +570,11 @@ def test_rank_0_failing_stops_every_rank(tmp_path):
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("caf\u00e9 ".encode("latin-1") * 100)
     t0 = time.monotonic()
-    out = torchrun(tiny_args(bad, tmp_path / "r"), timeout=150, check=False)
+    out = torchrun(tiny_args(bad, tmp_path / "r"), timeout=150, check=False, rank_logs=tmp_path / "ranks")
     assert out.returncode != 0 and time.monotonic() - t0 < 120
-    assert f"--data {bad}: not UTF-8 text" in out.stderr
-    assert f"--data {bad}: rank 0 could not prepare it (see its error above)" in out.stderr  # rank 1's line
+    err0, err1 = (rank_log(tmp_path / "ranks", r).strip().splitlines() for r in (0, 1))
+    assert err0[-1].startswith(f"train_gpt2.py: error: --data {bad}: not UTF-8 text"), err0
+    assert err1[-1] == f"train_gpt2.py: error: --data {bad}: rank 0 could not prepare it (see its error above)", err1
 
 
 def test_a_rank_that_cannot_read_the_token_cache_stops_every_rank(tmp_path):
