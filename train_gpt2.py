@@ -901,7 +901,7 @@ class TrainConfig:
     resume: str | None = None  # continue a run: alone, the newest checkpoint in --log-dir; or a checkpoint's path
     stop_after_step: int | None = None  # checkpoint and exit after this step, as if preempted (fixed-length jobs)
     # system
-    device: str = "auto"  # auto (cuda:LOCAL_RANK, mps or cpu), or cpu, cuda, cuda:1, mps
+    device: str = "auto"  # auto (cuda:LOCAL_RANK, mps or cpu), or cpu, cuda, mps, cuda:1 (one process only)
     dtype: str = "auto"  # autocast: bfloat16 or float32; auto is bfloat16 on CUDA, float32 elsewhere
     compile: bool | None = None  # torch.compile the training step (default: on CUDA only)
     loss_chunk: int = 0  # >0: output layer + loss this many tokens at a time, never all the logits at once (memory)
