@@ -56,6 +56,7 @@ class Config:
     # what to read
     dataset: str = "HuggingFaceFW/fineweb-edu"  # a Hugging Face Hub dataset (ignored with --data-files)
     name: str | None = "sample-10BT"  # the dataset's config; sample-10BT is ~10B GPT-2 tokens
+    revision: str | None = None  # a Hub commit or tag to read (default: newest); pinned, a resume reads the same docs
     split: str = "train"  # the split to read
     text_field: str = "text"  # the column that holds each document's text
     data_files: list[str] | None = None  # local .jsonl/.json/.parquet/.txt files or globs, instead of the Hub
@@ -301,7 +302,7 @@ def load_documents(cfg: Config, builder: str | None, files: list[str]):
         if files:
             ds = datasets.load_dataset(builder, data_files={cfg.split: files}, **kw)
         else:
-            ds = datasets.load_dataset(cfg.dataset, name=cfg.name or None, **kw)
+            ds = datasets.load_dataset(cfg.dataset, name=cfg.name or None, revision=cfg.revision, **kw)
         columns = ds.column_names
         if columns is None:  # a stream whose schema is only known once read
             first = next(iter(ds), None)
@@ -358,6 +359,7 @@ def run_identity(cfg: Config, builder: str | None, files: list[str]) -> dict:
     return {
         "dataset": builder if files else cfg.dataset,
         "name": None if files else cfg.name,
+        "revision": None if files else cfg.revision,
         "split": cfg.split,
         "data_files": files or None,
         "text_field": cfg.text_field,
@@ -440,7 +442,7 @@ def check_folder(out: Path, identity: dict, overwrite: bool) -> dict | None:
                                "script?): use --overwrite to replace them, or another --out-dir")
         return None
     old = manifest["run"]
-    if old != identity:
+    if any(old.get(k) != v for k, v in identity.items()):  # a key an older manifest lacks counts as None
         if not shards and not manifest["shards"]:
             return None  # a run that stopped before its first shard: nothing to mix with
         diff = "; ".join(f"{k} {old.get(k)!r} there, {v!r} now" for k, v in identity.items() if old.get(k) != v)

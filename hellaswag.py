@@ -407,7 +407,7 @@ class EvalConfig:
     limit: int = 0  # evaluate only the first N examples (0: all)
     data_file: str = ""  # a local hellaswag jsonl instead of the download
     split: str = "val"  # which file to download
-    dtype: str = "auto"  # bfloat16 is autocast; auto: bfloat16 on cuda, float32 elsewhere
+    dtype: str = "auto"  # auto: bfloat16 autocast on cuda, else float32; float32 (TF32) is how the reference ran
     cache_dir: str = str(DATA_CACHE_DIR)  # where downloads are kept
 
 

@@ -711,9 +711,10 @@ def find_shards(data_dir: Path, split: str) -> list[Path]:
     if not data_dir.is_dir():
         raise TrainError(f"--data {data_dir}: no such folder: run `python fineweb.py` to build the shards "
                          "(or pass --data input.txt)")
-    shards = sorted(p for p in data_dir.iterdir() if p.suffix == ".npy" and split in p.name)
+    # {prefix}_{split}_{index}.npy, matched whole: a prefix such as "fw_eval" must not make train shards val
+    shards = sorted(p for p in data_dir.iterdir() if re.fullmatch(rf".+_{split}_\d+\.npy", p.name))
     if not shards:
-        raise TrainError(f"--data {data_dir}: no {split} shards (*{split}*.npy): run `python fineweb.py`")
+        raise TrainError(f"--data {data_dir}: no {split} shards (*_{split}_NNNNNN.npy): run `python fineweb.py`")
     return shards
 
 
@@ -861,10 +862,13 @@ def get_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int, max_steps
 # Training configuration: every field is a --kebab-case flag; its comment is the --help text.
 
 
+DEFAULT_DATA_DIR = str(Path(__file__).resolve().parent / "edu_fineweb10B")  # fineweb.py's default output
+
+
 @dataclass
 class TrainConfig:
     # data and output
-    data: str = "edu_fineweb10B"  # a shard folder from fineweb.py, or a .txt file (tokenized once, cached beside it)
+    data: str = DEFAULT_DATA_DIR  # fineweb.py's shard folder (edu_fineweb10B/ beside the scripts), or a .txt file
     val_fraction: float = 0.1  # .txt data only: the last fraction of its tokens is the validation split
     log_dir: str = "log"  # log.txt and the checkpoints model_{step:05d}.pt
     preset: str | None = None  # named defaults that other flags override: shakespeare (a small GPT on input.txt, CPU)

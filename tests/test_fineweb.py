@@ -476,6 +476,27 @@ def test_refuses_to_mix_with_another_run(tmp_path):
     np.testing.assert_array_equal(all_tokens(out), np.concatenate(doc_tokens(docs)))
 
 
+def test_hub_revision_is_passed_and_pinned_in_the_manifest(tmp_path, monkeypatch):
+    import datasets
+
+    docs = make_docs(40, seed=9)
+    calls = []
+
+    def fake_hub(path, name=None, revision=None, **kw):  # the Hub, offline: what it was asked for, local rows
+        calls.append((path, name, revision, kw["split"]))
+        return datasets.Dataset.from_dict({"text": docs})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_hub)
+    out = tmp_path / "out"
+    hub = ["--out-dir", str(out), "--num-proc", "1", "--shard-size", "1000"]
+    assert fineweb.main(hub + ["--revision", "v1.2"]) == 0
+    assert calls == [("HuggingFaceFW/fineweb-edu", "sample-10BT", "v1.2", "train")]
+    assert manifest(out)["run"]["revision"] == "v1.2"
+    np.testing.assert_array_equal(all_tokens(out), np.concatenate(doc_tokens(docs)))
+    with pytest.raises(SystemExit, match="revision 'v1.2' there, 'v2.0' now"):  # other data: never mixed in
+        fineweb.main(hub + ["--revision", "v2.0"])
+
+
 def test_refuses_shards_without_manifest(tmp_path):
     docs = make_docs(60, seed=8)
     data = write_jsonl(tmp_path / "docs.jsonl", docs)

@@ -414,7 +414,10 @@ def test_defaults_are_the_reference_recipe():
     cfg = tg.TrainConfig()
     assert (cfg.vocab_size, cfg.seq_len, cfg.micro_batch_size, cfg.total_batch_size) == (50304, 1024, 64, 2**19)
     assert (cfg.weight_decay, cfg.beta1, cfg.beta2, cfg.eps, cfg.grad_clip) == (0.1, 0.9, 0.95, 1e-8, 1.0)
-    assert (cfg.eval_interval, cfg.checkpoint_interval, cfg.data) == (250, 5000, "edu_fineweb10B")
+    assert (cfg.eval_interval, cfg.checkpoint_interval) == (250, 5000)
+    import fineweb
+
+    assert cfg.data == fineweb.DEFAULT_OUT_DIR == str(REPO / "edu_fineweb10B")  # where fineweb.py writes, from any cwd
     help_text = tg.build_train_parser().format_help()
     for flag in ("--preset", "--data", "--log-dir", "--max-steps", "--micro-batch-size", "--seq-len",
                  "--total-batch-size", "--resume", "--init-from", "--compile", "--no-compile", "--seed",
@@ -498,6 +501,18 @@ def test_error_missing_data_folder(tmp_path, capsys):
 def test_error_no_shards_for_a_split(shards, tmp_path, capsys):
     (shards / "edufineweb_val_000000.npy").unlink()
     assert "no val shards" in cli_error(tiny_args(shards, tmp_path / "r"), capsys)
+
+
+def test_shards_are_matched_by_their_split_field(tmp_path):
+    # a prefix containing "val" (or "train") must not move shards between splits
+    folder = tmp_path / "fw"
+    folder.mkdir()
+    names = ["fw_eval_val_000000.npy", "fw_eval_train_000001.npy", "fw_eval_train_000002.npy", "notes_val.npy"]
+    for name in names:
+        np.save(folder / name, np.zeros(10, dtype=np.uint16))
+    (folder / ".fw_eval_train_000003.npy.tmp42").write_bytes(b"")  # atomic_write's temporary name
+    assert [p.name for p in tg.find_shards(folder, "val")] == ["fw_eval_val_000000.npy"]
+    assert [p.name for p in tg.find_shards(folder, "train")] == names[1:3]
 
 
 def test_error_corrupt_shard(shards, tmp_path, capsys):
