@@ -21,7 +21,6 @@ real validation set's ~4M tokens over 40k rows).
 from __future__ import annotations
 
 import argparse
-import platform
 import random
 import statistics
 import sys
@@ -33,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: the modules live one level up
 
 import hellaswag as hs  # noqa: E402
+from bench.machine import device_name  # noqa: E402
 from train_gpt2 import GPT, GPTConfig, default_device, get_tokenizer, load_model  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -136,10 +136,7 @@ def main(argv=None) -> None:
     autocast_dtype = torch.bfloat16 if dtype == "bfloat16" else None
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    print(f"device {device} ({name}) | torch {torch.__version__} | dtype {dtype}")
+    print(f"device {device} ({device_name(device)}) | torch {torch.__version__} | dtype {dtype}")
 
     if args.model:
         model = load_model(args.model, device)

@@ -28,7 +28,6 @@ import datetime
 import io
 import itertools
 import multiprocessing
-import platform
 import statistics
 import sys
 import tempfile
@@ -41,6 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: the modules live one level up
 
 import train_gpt2 as tg  # noqa: E402
+from bench.machine import device_name  # noqa: E402
 
 
 class _Done(Exception):
@@ -128,16 +128,12 @@ def main(argv=None) -> None:
     T = base.seq_len
     dist = tg.Dist(device=tg.default_device() if base.device == "auto" else base.device)
     cuda = dist.device_type == "cuda"
-    if cuda:
-        name = f"{torch.cuda.get_device_name(dist.device)}, CUDA {torch.version.cuda}"
-    else:
-        name = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         tmp = Path(tmp)
         most = max(batch_sizes) * T * (args.warmup + args.steps + 2) + 1
         data = Path(args.data) if args.data else synthetic_shards(tmp / "data", most, min(base.vocab_size, 50257))
-        print(f"{datetime.date.today()} | {dist.device} ({name}) | torch {torch.__version__} | "
+        print(f"{datetime.date.today()} | {dist.device} ({device_name(dist.device)}) | torch {torch.__version__} | "
               f"data {'random tokens' if not args.data else data} | T={T} | {args.warmup} warm-up + {args.steps} "
               f"timed steps, one micro-batch each")
         print("\n| micro-batch | compile | loss chunk | ms/step | speed vs chunk 0 | tokens/s | MFU | peak memory |")
