@@ -468,7 +468,6 @@ class GPT(nn.Module):
 _CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
-
 def sample_text(model: GPT, prompt: str, num_return_sequences: int = 4, max_new_tokens: int = 32,
                 top_k: int | None = 50, temperature: float = 1.0, seed: int = 42, device: str = "cpu",
                 use_cache: bool = True) -> list[str]:
@@ -660,15 +659,17 @@ def download(url: str, dest: Path, timeout: float = 60.0) -> None:
         shutil.copyfileobj(resp, f, 1 << 20)
 
 
-def _token_cache(path: Path) -> Path:
-    """Where the tokens of a .txt file are cached: beside it, under a name holding the text's hash (never stale)."""
+def _read_text_file(path: Path) -> tuple[bytes, Path]:
+    """A .txt file's bytes, and where its tokens are cached: beside it, under a name holding the text's hash
+    (never stale)."""
     if not path.is_file():
         raise TrainError(f"--data {path}: no such file or shard folder (run fineweb.py, or give a .txt file)")
-    return path.with_name(f"{path.name}.{hashlib.sha256(path.read_bytes()).hexdigest()[:16]}.gpt2.npy")
+    raw = path.read_bytes()
+    return raw, path.with_name(f"{path.name}.{hashlib.sha256(raw).hexdigest()[:16]}.gpt2.npy")
 
 
-def _prepare_text_file(path: Path) -> None:
-    """Rank 0's part: download tiny Shakespeare if it is missing, tokenize the text into its cache."""
+def _prepare_text_file(path: Path) -> Path:
+    """Rank 0's part: download tiny Shakespeare if it is missing, tokenize the text into its cache (returned)."""
     if not path.exists() and path.name == "input.txt":
         print(f"{path} not found: downloading tiny Shakespeare from {TINY_SHAKESPEARE_URL}")
         try:
@@ -676,31 +677,32 @@ def _prepare_text_file(path: Path) -> None:
         except (OSError, ValueError) as e:  # URLError, HTTPError and timeouts are OSErrors
             raise TrainError(f"--data {path}: not found and the download failed ({e}); "
                              f"put tiny Shakespeare there (offline machines: copy it by hand)") from e
-    cache = _token_cache(path)
+    raw, cache = _read_text_file(path)
     if cache.exists():
-        return
+        return cache
     try:
-        text = path.read_text(encoding="utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise TrainError(f"--data {path}: not UTF-8 text ({e.reason} at byte {e.start}): convert it, "
                          "or shard it with fineweb.py") from None
     tokens = np.array(get_tokenizer().encode_ordinary(text), dtype=np.uint16)
     with atomic_write(cache) as tmp, open(tmp, "wb") as f:
         np.save(f, tokens)
+    return cache
 
 
 def tokenize_text_file(path: Path, dist: Dist) -> np.ndarray:
     """Tokens of a .txt file: rank 0 downloads (tiny Shakespeare only) and tokenizes once, every rank reads."""
-    error = None
+    cache = error = None
     if dist.master:
         try:
-            _prepare_text_file(path)
+            cache = _prepare_text_file(path)
         except Exception as e:  # any failure: the other ranks must hear of it, not wait for rank 0 forever
             error = e
     raise_if_any_rank_failed(error, dist, f"--data {path}: rank 0 could not prepare it (see its error above)")
     tokens = error = None
     try:  # a node that does not see rank 0's files (no shared file system) fails here: all must hear of it
-        tokens = np.load(_token_cache(path))
+        tokens = np.load(cache or _read_text_file(path)[1])  # the others hash the text to find the cache
     except Exception as e:
         error = e
     raise_if_any_rank_failed(error, dist, f"--data {path}: another rank could not read its tokens (see its error)")
@@ -729,6 +731,11 @@ def open_shard(path: Path) -> np.ndarray:
     return tokens
 
 
+def shard_tokens(shard) -> np.ndarray:
+    """A shard's tokens: a path is opened memory-mapped, an array (a .txt file's split) is itself."""
+    return shard if isinstance(shard, np.ndarray) else open_shard(shard)
+
+
 def check_tokens(name, tokens: np.ndarray, vocab_size: int, chunk: int = 1 << 24) -> None:
     """Every token id < vocab_size, read in chunks so a 100M-token shard costs little memory."""
     for i in range(0, len(tokens), chunk):
@@ -753,17 +760,13 @@ class DataLoader:
         self.shuffle, self.seed = shuffle, seed
         self.names = names or [f"shard {i}" for i in range(len(shards))]
         # full groups of world_size windows per shard
-        self.groups = [(len(self._tokens(i)) - 1) // (B * T) // world_size for i in range(len(shards))]
+        self.groups = [(len(shard_tokens(s)) - 1) // (B * T) // world_size for s in shards]
         if not any(self.groups):
             need = B * T * world_size + 1
             raise TrainError(f"{self.names[0]}{' ...' if len(shards) > 1 else ''}: every shard is shorter than "
                              f"one step's {need} tokens (B={B} x T={T} x {world_size} ranks + 1): "
                              "use a smaller --micro-batch-size / --seq-len")
         self.reset()
-
-    def _tokens(self, i: int) -> np.ndarray:
-        s = self.shards[i]
-        return s if isinstance(s, np.ndarray) else open_shard(s)
 
     def reset(self) -> None:
         self.epoch, self.shard_pos, self.group_pos = 0, 0, 0
@@ -776,7 +779,7 @@ class DataLoader:
 
     def _load_shard(self) -> None:
         i = int(self.order[self.shard_pos])
-        self.tokens = self._tokens(i)
+        self.tokens = shard_tokens(self.shards[i])
         g = self.groups[i]
         rng = np.random.default_rng([self.seed, self.epoch, i])
         self.group_order = rng.permutation(g) if self.shuffle else np.arange(g)
@@ -1084,7 +1087,7 @@ def open_data(cfg: TrainConfig, dist: Dist, B: int, T: int, need_val: bool, voca
     error = None
     for name, shard in list(zip(all_names, all_shards))[dist.rank::dist.world_size]:
         try:
-            check_tokens(name, shard if isinstance(shard, np.ndarray) else open_shard(shard), vocab_size)
+            check_tokens(name, shard_tokens(shard), vocab_size)
         except Exception as e:  # a bad shard, or an unreadable one: every rank must stop
             error = e
             break
