@@ -34,7 +34,6 @@ import json
 import multiprocessing as mp
 import os
 import queue
-import re
 import signal
 import sys
 import tempfile
@@ -45,11 +44,20 @@ from pathlib import Path
 
 import numpy as np
 
+from gpt2 import (
+    DATA_DIR,
+    EOT_TOKEN,
+    GPT2_BPE_FILES,
+    add_dataclass_flags,
+    atomic_write,
+    get_tokenizer,
+    is_shard,
+    remove_stale_temp_files,
+    shard_name,
+)
+
 # -----------------------------------------------------------------------------
 # Config: every field is a --kebab-case flag; its comment is the --help text.
-
-DEFAULT_OUT_DIR = str(Path(__file__).resolve().parent / "edu_fineweb10B")
-
 
 @dataclass
 class Config:
@@ -63,7 +71,7 @@ class Config:
     streaming: bool = False  # read as a stream: no full download, and no Arrow copy in datasets' cache
     cache_dir: str | None = None  # where datasets keeps downloads and Arrow files (default: its own)
     # what to write
-    out_dir: str = DEFAULT_OUT_DIR  # the shard folder (default: edu_fineweb10B/ next to this script)
+    out_dir: str = str(DATA_DIR)  # the shard folder (default: edu_fineweb10B/ next to this script)
     prefix: str = "edufineweb"  # shard files are {prefix}_val_000000.npy, {prefix}_train_000001.npy, ...
     shard_size: int = 100_000_000  # tokens per shard (200 MB files); the last shard holds the remainder
     max_tokens: int | None = None  # stop after exactly this many tokens, cutting the last document (default: all)
@@ -76,16 +84,14 @@ TASK_BYTES = 1 << 20  # text shipped to a worker at once: ~1 MB in memory, ~0.1 
 READ_BATCH = 64  # documents read from datasets at a time
 TASKS_IN_FLIGHT_PER_PROC = 3  # bounds memory, and keeps every worker busy while the main loop writes
 MANIFEST = "manifest.json"
-SHARD_RE = re.compile(r"^.+_(?:val|train)_\d{6}\.npy$")  # anyone's shards, ours or the reference's
 
 
 class FinewebError(Exception):
     """A problem the user can fix: main() prints it as one line and exits non-zero."""
 
 
-def shard_name(prefix: str, index: int) -> str:
-    split = "val" if index == 0 else "train"  # shard 0 is the validation split, as the reference
-    return f"{prefix}_{split}_{index:06d}.npy"
+def split_of(index: int) -> str:
+    return "val" if index == 0 else "train"  # shard 0 is the validation split, as the reference
 
 
 # -----------------------------------------------------------------------------
@@ -145,8 +151,6 @@ def _die_with_parent():
 def _tokenizer():
     global _enc, _eot
     if _enc is None:
-        from train_gpt2 import EOT_TOKEN, get_tokenizer
-
         enc = get_tokenizer()
         # the reference asserts each token < 2**16; a vocabulary that fits makes that true of every document
         if enc.max_token_value >= 2**16:
@@ -354,8 +358,6 @@ def iter_batches(ds, cfg: Config, start_doc: int):
 
 def run_identity(cfg: Config, builder: str | None, files: list[str]) -> dict:
     """What the shards depend on: a folder holding shards with another identity is refused."""
-    from train_gpt2 import EOT_TOKEN, GPT2_BPE_FILES
-
     return {
         "dataset": builder if files else cfg.dataset,
         "name": None if files else cfg.name,
@@ -403,15 +405,7 @@ def lock_out_dir(out: Path) -> int | None:
     return fd
 
 
-def remove_temp_files(out: Path):
-    from train_gpt2 import remove_stale_temp_files
-
-    remove_stale_temp_files(out)
-
-
 def write_manifest(out: Path, manifest: dict):
-    from train_gpt2 import atomic_write
-
     with atomic_write(out / MANIFEST) as tmp:
         tmp.write_text(json.dumps(manifest, indent=1) + "\n")
 
@@ -430,7 +424,7 @@ def read_manifest(out: Path) -> dict | None:
 
 def check_folder(out: Path, identity: dict, overwrite: bool) -> dict | None:
     """The manifest of a run we may resume, or None to start afresh; refuses to mix runs."""
-    shards = sorted(p.name for p in out.iterdir() if SHARD_RE.match(p.name))
+    shards = sorted(p.name for p in out.iterdir() if is_shard(p.name))  # anyone's shards, ours or the reference's
     if overwrite:
         for name in shards + [MANIFEST]:
             (out / name).unlink(missing_ok=True)
@@ -499,8 +493,6 @@ class ShardWriter:
             self.executor.shutdown()
 
     def _write(self, tokens: np.ndarray, record: dict):
-        from train_gpt2 import atomic_write
-
         try:
             with atomic_write(self.out / record["file"]) as tmp:
                 with open(tmp, "wb") as f:
@@ -566,8 +558,9 @@ class Sharder:
     def flush(self):
         if self.fill == 0:
             return
-        record = {"index": self.index, "file": shard_name(self.prefix, self.index),
-                  "split": "val" if self.index == 0 else "train", "tokens": self.fill,
+        split = split_of(self.index)
+        record = {"index": self.index, "file": shard_name(self.prefix, split, self.index), "split": split,
+                  "tokens": self.fill,
                   "documents": self.started - self.shard_first,  # documents that begin in this shard
                   "next_document": self.next_doc, "next_offset": self.next_offset}  # where the next shard begins
         self.writer.submit(self.buffers[self.index % 2][:self.fill], record)
@@ -585,8 +578,7 @@ def build_shards(cfg: Config) -> dict:
     lock = lock_out_dir(out)
     writer, fresh = None, False
     try:
-        remove_temp_files(out)  # left by a run that was killed
-        # imports train_gpt2 (and torch) before the workers fork, so they need not
+        remove_stale_temp_files(out)  # left by a run that was killed
         identity = run_identity(cfg, builder, files)
         manifest = check_folder(out, identity, cfg.overwrite)
         fresh = manifest is None
@@ -630,7 +622,7 @@ def build_shards(cfg: Config) -> dict:
                 writer.close()  # let a shard being written land (or be removed): never leave half of one
             except BaseException:
                 pass
-        remove_temp_files(out)
+        remove_stale_temp_files(out)
         if fresh and writer is not None and not writer.manifest["shards"]:
             (out / MANIFEST).unlink(missing_ok=True)  # ours, and naming no shard: leave the folder as it was
         if created and not any(out.iterdir()):
@@ -681,8 +673,6 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="--data-files: .jsonl/.json (one JSON object per line, the text in --text-field), .parquet, or "
         ".txt (one document per line, field 'text'). Interrupted? Rerun the same command: complete shards are "
         "kept and the run continues after them.")
-    from train_gpt2 import add_dataclass_flags  # the one dataclass -> --kebab-case flags helper
-
     add_dataclass_flags(p, Config, extra={"data_files": dict(metavar="FILE")})
     return p
 

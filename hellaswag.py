@@ -42,15 +42,17 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from train_gpt2 import (
-    GPT,
+from gpt2 import (
+    DTYPES,
+    Dist,
     add_dataclass_flags,
-    all_reduce_sum,
-    barrier,
+    all_reduce_or_raise,
     download,
     get_tokenizer,
     load_model,
+    rank_0_first,
     setup_distributed,
+    setup_precision,
     teardown_distributed,
 )
 
@@ -131,24 +133,16 @@ def read_examples(path) -> list[dict]:
 def load_examples(split: str = "val", data_file=None, cache_dir=None, dist=None) -> list[dict]:
     """All examples of a split (downloaded into cache_dir on first use) or of data_file, validated.
 
-    Under torchrun pass the Dist: rank 0 downloads while the others wait on a barrier. Every rank
-    reaches the barrier even when the download fails, so a failure is an error, never a hang.
+    Under torchrun pass the Dist: rank 0 downloads while the others wait; a failed download stops
+    every rank, so it is an error, never a hang.
     """
     if data_file is not None:
         return read_examples(data_file)
     if split not in SPLITS:
         raise HellaSwagError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
     path = Path(cache_dir if cache_dir is not None else DATA_CACHE_DIR) / f"hellaswag_{split}.jsonl"
-    master = dist is None or dist.master
-    failure = None
-    if master and not path.is_file():
-        try:
-            fetch(data_url(split), path)
-        except HellaSwagError as e:
-            failure = e
-    barrier()
-    if failure is not None:
-        raise failure
+    rank_0_first(lambda: path.is_file() or fetch(data_url(split), path), dist or Dist(),
+                 HellaSwagError(f"rank 0 could not download {data_url(split)} (see its error)"))
     if not path.is_file():  # rank 0 failed: it says why; the others say what is missing
         raise HellaSwagError(f"{path} is missing (rank 0 could not download it): pass --data-file PATH "
                              "or check the network connection")
@@ -242,14 +236,28 @@ def _logits(model, tokens: torch.Tensor, autocast_dtype, logits_at=None) -> torc
     return getattr(out, "logits", out)  # a transformers model's output, or plain logits
 
 
+def takes_logits_at(model) -> bool:
+    """Whether model(tokens, logits_at=mask) computes logits at the masked positions only, as our GPT does.
+
+    Read from the forward's signature, not from the model's class: a class is a module's, and a script run
+    as __main__ is a second module with a second copy of every class in it.
+    """
+    import inspect
+
+    try:
+        return "logits_at" in inspect.signature(model.forward).parameters
+    except (AttributeError, TypeError, ValueError):  # no forward, or one inspect cannot read
+        return False
+
+
 def _scored_logits(model, tokens: torch.Tensor, mask: torch.Tensor, autocast_dtype) -> torch.Tensor:
-    """Logits (M, V) at just the positions that score an ending token, for our GPT.
+    """Logits (M, V) at just the positions that score an ending token, where the model can (takes_logits_at).
 
     The output layer is a third of GPT-2 124M's matmul work per token and most of a small model's, yet
     only the ending positions (a third of a row, or less) are scored. Other models give full (N, L, V)
     logits; row_losses takes either.
     """
-    if not isinstance(model, GPT):
+    if not takes_logits_at(model):
         return _logits(model, tokens, autocast_dtype)
     logits_at = torch.zeros_like(mask, dtype=torch.bool)  # (N, L)
     logits_at[:, :-1] = mask[:, 1:].bool()  # position t scores token t+1
@@ -261,14 +269,18 @@ def _block_size(model) -> int | None:
     return getattr(config, "block_size", None) or getattr(config, "n_positions", None)
 
 
-def _check_lengths(lens: np.ndarray, model, examples: list[dict]) -> None:
-    """Error on the first example with a row (of lens, 4 per example) longer than the model's block_size."""
-    block_size = _block_size(model)
+def _check_lengths(lens: np.ndarray, block_size: int | None, examples: list[dict]) -> None:
+    """Error on the first example with a row (of lens, 4 per example) longer than block_size."""
     if block_size is None or lens.size == 0 or lens.max() <= block_size:
         return
     r = int(np.argmax(lens > block_size))
     raise HellaSwagError(f"example ind={examples[r // NUM_ENDINGS].get('ind', '?')}: a row of {lens[r]} tokens is "
                          f"longer than the model's block_size={block_size}")
+
+
+def check_fits(examples: list[dict], block_size: int) -> None:
+    """HellaSwagError unless every row of every example fits a model of that block size."""
+    _check_lengths(_Rows(examples, get_tokenizer()).lens, block_size, examples)
 
 
 def default_batch_size(device) -> int:
@@ -292,7 +304,7 @@ def score_batched(model, examples: list[dict], device, batch_size: int | None = 
         raise HellaSwagError(f"batch_size must be >= 1, got {batch_size}")
     device = torch.device(device)
     rows = _Rows(examples, get_tokenizer())
-    _check_lengths(rows.lens, model, examples)
+    _check_lengths(rows.lens, _block_size(model), examples)
     order = np.argsort(-rows.lens, kind="stable")  # longest first; ties keep example order
     per_batch = NUM_ENDINGS * batch_size
     batches = []
@@ -321,7 +333,7 @@ def score_unbatched(model, examples: list[dict], device, autocast_dtype=None,
     sums, avgs = [], []
     for ex in _progress_iter(examples, progress):
         tokens, mask, _ = render_example(ex, enc)
-        _check_lengths(np.array([tokens.size(1)]), model, [ex])
+        _check_lengths(np.array([tokens.size(1)]), _block_size(model), [ex])
         tokens, mask = tokens.to(device), mask.to(device)
         s, a = row_losses(_logits(model, tokens, autocast_dtype), tokens, mask)
         sums.append(s.cpu())
@@ -346,24 +358,28 @@ def _progress_iter(items, enabled: bool):
 
 
 # -----------------------------------------------------------------------------
-# Evaluation: score this rank's share, count, sum the counts over ranks
+# Evaluation: each rank scores its share and counts; the counts are summed over ranks
 
 
-def _tally(sum_loss: torch.Tensor, avg_loss: torch.Tensor, examples: list[dict], device, world_size: int) -> dict:
+def _counts(sum_loss: torch.Tensor, avg_loss: torch.Tensor, examples: list[dict]) -> torch.Tensor:
+    """(3,) in fp32 (exact below 2**24): examples, right by acc (summed loss), right by acc_norm (mean loss)."""
     labels = torch.tensor([ex["label"] for ex in examples], dtype=torch.long)  # (E,)
     pred = sum_loss.argmin(dim=1)  # (E,) first lowest on ties, like the reference
     pred_norm = avg_loss.argmin(dim=1)
-    counts = torch.tensor([len(examples), (pred == labels).sum().item(), (pred_norm == labels).sum().item()],
-                          dtype=torch.long, device=device)  # on the device: NCCL reduces CUDA tensors only
-    if world_size > 1:
-        all_reduce_sum(counts)
-    num_total, num_correct, num_correct_norm = counts.tolist()
+    return torch.tensor([len(examples), (pred == labels).sum().item(), (pred_norm == labels).sum().item()],
+                        dtype=torch.float32)
+
+
+def results(counts: torch.Tensor) -> dict:
+    """{num_total, num_correct, num_correct_norm, acc, acc_norm} from _counts (or their sum over ranks)."""
+    num_total, num_correct, num_correct_norm = (round(c) for c in counts.tolist())
     return dict(num_total=num_total, num_correct=num_correct, num_correct_norm=num_correct_norm,
                 acc=num_correct / max(num_total, 1), acc_norm=num_correct_norm / max(num_total, 1))
 
 
-def _evaluate(score, model, examples: list[dict], rank: int, world_size: int, device, progress: bool) -> dict:
-    """This rank's share of examples through score(examples, progress) in eval mode, counts summed over ranks."""
+def _count_share(score, model, examples: list[dict], rank: int, world_size: int, device, progress: bool):
+    """This rank's share (examples r, r + world_size, ...) through score(examples, progress), in eval mode:
+    its counts (3,) on the device. No collective."""
     mine = examples[rank::world_size]
     was_training = getattr(model, "training", False)
     model.eval()
@@ -371,7 +387,26 @@ def _evaluate(score, model, examples: list[dict], rank: int, world_size: int, de
         sum_loss, avg_loss = score(mine, progress and rank == 0)
     finally:
         model.train(was_training)
-    return _tally(sum_loss, avg_loss, mine, device, world_size)
+    return _counts(sum_loss, avg_loss, mine).to(device)
+
+
+def count_correct(model, examples: list[dict], device, batch_size: int | None = None, rank: int = 0,
+                  world_size: int = 1, autocast_dtype=None, progress: bool = False) -> torch.Tensor:
+    """This rank's share of examples, batched: its counts (3,) on the device, to be summed over ranks (results()
+    reads the sum). Training sums them in the collective of its own evaluation; evaluate() does it here."""
+    score = lambda mine, bar: score_batched(model, mine, device, batch_size, autocast_dtype, progress=bar)
+    return _count_share(score, model, examples, rank, world_size, device, progress)
+
+
+def _evaluate(count, rank: int, world_size: int, device) -> dict:
+    """count() on every rank, then the sum over ranks; a failure on any rank stops every rank."""
+    counts, error = torch.zeros(3), None
+    try:
+        counts = count()
+    except Exception as e:  # the other ranks must hear of it, not wait for this one in the all-reduce
+        error = e
+    dist = Dist(rank=rank, world_size=world_size, device=str(device))
+    return results(all_reduce_or_raise(counts, error, dist, HellaSwagError("another rank failed (see its error)")))
 
 
 def evaluate(model, examples: list[dict], device, batch_size: int | None = None, rank: int = 0, world_size: int = 1,
@@ -384,15 +419,16 @@ def evaluate(model, examples: list[dict], device, batch_size: int | None = None,
     ranks, so every rank returns the totals. Every rank must call this (it all-reduces).
     autocast_dtype=torch.bfloat16 wraps forwards in autocast; the losses are computed in fp32 either way.
     """
-    score = lambda mine, bar: score_batched(model, mine, device, batch_size, autocast_dtype, progress=bar)
-    return _evaluate(score, model, examples, rank, world_size, device, progress)
+    count = lambda: count_correct(model, examples, device, batch_size, rank, world_size, autocast_dtype, progress)
+    return _evaluate(count, rank, world_size, device)
 
 
 def evaluate_unbatched(model, examples: list[dict], device, rank: int = 0, world_size: int = 1,
                        autocast_dtype=None, progress: bool = False) -> dict:
     """evaluate() through the one-example-per-forward loop: the reference the batched path must equal."""
     score = lambda mine, bar: score_unbatched(model, mine, device, autocast_dtype, progress=bar)
-    return _evaluate(score, model, examples, rank, world_size, device, progress)
+    return _evaluate(lambda: _count_share(score, model, examples, rank, world_size, device, progress),
+                     rank, world_size, device)
 
 
 # -----------------------------------------------------------------------------
@@ -414,8 +450,8 @@ class EvalConfig:
 def parse_args(argv=None) -> EvalConfig:
     parser = argparse.ArgumentParser(prog="hellaswag.py", description="HellaSwag accuracy of a GPT-2 style model")
     add_dataclass_flags(parser, EvalConfig, extra={
-        "model": dict(short="-m", required=True), "device": dict(short="-d"),
-        "split": dict(choices=SPLITS), "dtype": dict(choices=("auto", "float32", "bfloat16")),
+        "model": dict(aliases=["-m"], required=True), "device": dict(aliases=["-d"]),
+        "split": dict(choices=SPLITS), "dtype": dict(choices=DTYPES),
     })
     return EvalConfig(**vars(parser.parse_args(argv)))
 
@@ -432,10 +468,8 @@ def main(argv=None) -> int:
         if cfg.limit:
             examples = examples[:cfg.limit]
         model = load_model(cfg.model, dist.device)
-        dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if dist.device_type == "cuda" else "float32")
-        autocast_dtype = torch.bfloat16 if dtype == "bfloat16" else None
-        if dist.device_type == "cuda":
-            torch.set_float32_matmul_precision("high")  # TF32 for any fp32 matmul, as the reference
+        autocast_dtype = setup_precision(cfg.dtype, dist.device_type)
+        dtype = "bfloat16" if autocast_dtype == torch.bfloat16 else "float32"
         # start-up, kept out of the timing: the BPE tables, and a first forward (CUDA context, cuBLAS)
         get_tokenizer()
         with torch.no_grad():

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 import hellaswag as hs  # noqa: E402
 from bench.machine import device_name  # noqa: E402
-from train_gpt2 import GPT, GPTConfig, default_device, get_tokenizer, load_model  # noqa: E402
+from gpt2 import GPT, GPTConfig, get_tokenizer, load_model, resolve_device  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # Synthetic HellaSwag-shaped examples (random words: only the lengths matter for speed)
@@ -131,7 +131,7 @@ def main(argv=None) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(default_device() if args.device == "auto" else args.device)
+    device = torch.device(resolve_device(args.device))
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     autocast_dtype = torch.bfloat16 if dtype == "bfloat16" else None
     if device.type == "cuda":

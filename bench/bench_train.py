@@ -39,6 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: the modules live one level up
 
+import gpt2  # noqa: E402
 import train_gpt2 as tg  # noqa: E402
 from bench.machine import device_name  # noqa: E402
 
@@ -126,7 +127,7 @@ def main(argv=None) -> None:
                 "--steps at least 1")
     base = tg.parse_train_args(train_flags)  # the train flags, checked once up front
     T = base.seq_len
-    dist = tg.Dist(device=tg.default_device() if base.device == "auto" else base.device)
+    dist = gpt2.Dist(device=gpt2.resolve_device(base.device))
     cuda = dist.device_type == "cuda"
 
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:

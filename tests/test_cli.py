@@ -6,15 +6,16 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
+import gpt2
 import train_gpt2 as tg
 
 
 @pytest.fixture
 def checkpoint(tmp_path):
     torch.manual_seed(0)
-    model = tg.GPT(tg.GPTConfig(block_size=64, vocab_size=50304, n_layer=2, n_head=2, n_embd=32))
+    model = gpt2.GPT(gpt2.GPTConfig(block_size=64, vocab_size=50304, n_layer=2, n_head=2, n_embd=32))
     path = tmp_path / "model_00007.pt"
-    tg.save_checkpoint(path, {"model": model.state_dict(), "config": dataclasses.asdict(model.config), "step": 7})
+    gpt2.save_checkpoint(path, {"model": model.state_dict(), "config": dataclasses.asdict(model.config), "step": 7})
     return model.eval(), path
 
 
@@ -26,7 +27,7 @@ def test_sample_command_is_seeded_and_matches_sample_text(checkpoint, capsys):
     first = capsys.readouterr().out.splitlines()
     tg.main(args)
     assert capsys.readouterr().out.splitlines() == first  # the same seed, the same text
-    expected = tg.sample_text(model, "Hello", 3, 10, seed=5)
+    expected = gpt2.sample_text(model, gpt2.SampleConfig("Hello", 3, 10), seed=5)
     assert first == [f"sample {i}: {t}" for i, t in enumerate(expected)]
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import hellaswag as hs
-from train_gpt2 import GPT, Dist, GPTConfig, get_tokenizer, save_checkpoint
+from gpt2 import GPT, Dist, GPTConfig, get_tokenizer, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -170,7 +170,7 @@ def reference():
     """The tiny model and its one-example-at-a-time losses and results, computed once."""
     model = tiny_gpt()
     sum_u, avg_u = hs.score_unbatched(model, EXAMPLES, "cpu")
-    return model, (sum_u, avg_u), hs._tally(sum_u, avg_u, EXAMPLES, "cpu", world_size=1)
+    return model, (sum_u, avg_u), hs.results(hs._counts(sum_u, avg_u, EXAMPLES))
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 5, 64])

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # plain `pytest` puts tests/, not the repo root, on sys.path
     sys.path.insert(0, str(ROOT))
 
-from train_gpt2 import GPT, GPTConfig, KVCache, load_checkpoint, load_model, save_checkpoint  # noqa: E402
+from gpt2 import GPT, GPTConfig, KVCache, load_checkpoint, load_model, save_checkpoint  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402

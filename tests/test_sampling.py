@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # plain `pytest` puts tests/, not the repo root, on sys.path
     sys.path.insert(0, str(ROOT))
 
-from train_gpt2 import GPT, GPTConfig, KVCache, get_tokenizer, sample_text  # noqa: E402
+from gpt2 import GPT, GPTConfig, KVCache, SampleConfig, get_tokenizer, sample_text  # noqa: E402
 
 PROMPT = "Hello, I'm a language model,"
 
@@ -111,9 +111,9 @@ def gpt2_vocab_model() -> GPT:
 
 
 def test_sample_text_seeds(gpt2_vocab_model):
-    a = sample_text(gpt2_vocab_model, PROMPT, num_return_sequences=3, max_new_tokens=16, seed=7)
-    b = sample_text(gpt2_vocab_model, PROMPT, num_return_sequences=3, max_new_tokens=16, seed=7)
-    c = sample_text(gpt2_vocab_model, PROMPT, num_return_sequences=3, max_new_tokens=16, seed=8)
+    a = sample_text(gpt2_vocab_model, SampleConfig(PROMPT, num_samples=3, max_new_tokens=16), seed=7)
+    b = sample_text(gpt2_vocab_model, SampleConfig(PROMPT, num_samples=3, max_new_tokens=16), seed=7)
+    c = sample_text(gpt2_vocab_model, SampleConfig(PROMPT, num_samples=3, max_new_tokens=16), seed=8)
     assert len(a) == len(c) == 3
     assert all(isinstance(s, str) and s.startswith(PROMPT) and len(s) > len(PROMPT) for s in a)
     assert a == b
@@ -124,13 +124,13 @@ def test_sample_text_seeds(gpt2_vocab_model):
 
 
 def test_sample_text_without_cache_is_the_same(gpt2_vocab_model):
-    kw = dict(num_return_sequences=2, max_new_tokens=12, seed=3)
-    assert sample_text(gpt2_vocab_model, PROMPT, use_cache=True, **kw) == \
-        sample_text(gpt2_vocab_model, PROMPT, use_cache=False, **kw)
+    settings = SampleConfig(PROMPT, num_samples=2, max_new_tokens=12)
+    assert sample_text(gpt2_vocab_model, settings, seed=3, use_cache=True) == \
+        sample_text(gpt2_vocab_model, settings, seed=3, use_cache=False)
 
 
 def test_sample_text_greedy_rows_agree(gpt2_vocab_model):
-    out = sample_text(gpt2_vocab_model, PROMPT, num_return_sequences=2, max_new_tokens=10, temperature=0, seed=1)
+    out = sample_text(gpt2_vocab_model, SampleConfig(PROMPT, num_samples=2, max_new_tokens=10, temperature=0), seed=1)
     assert out[0] == out[1]  # greedy decoding of one prompt: every row the same
 
 
@@ -148,7 +148,7 @@ def test_too_long_is_a_value_error(model, use_cache):
 
 def test_sample_text_too_long_is_a_value_error(gpt2_vocab_model):
     with pytest.raises(ValueError, match="block_size=64"):
-        sample_text(gpt2_vocab_model, PROMPT, num_return_sequences=1, max_new_tokens=60)
+        sample_text(gpt2_vocab_model, SampleConfig(PROMPT, num_samples=1, max_new_tokens=60))
 
 
 @pytest.mark.parametrize("temperature,top_k", [(0, None), (1.0, None), (1.0, 50), (5.0, None)])

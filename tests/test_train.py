@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+import gpt2
 import train_gpt2 as tg
 
 REPO = Path(__file__).resolve().parent.parent
@@ -267,7 +268,7 @@ def test_checkpoint_is_plain_data_and_complete(shards, tmp_path):
     assert not any(k.startswith("_orig_mod.") for k in ckpt["model"])
     assert ckpt["config"] == {"block_size": 32, "vocab_size": VOCAB, "n_layer": 2, "n_head": 2, "n_embd": 32}
     assert ckpt["step"] == 1 and isinstance(ckpt["val_loss"], float)
-    model = tg.load_model(str(tmp_path / "r" / "model_00001.pt"))
+    model = gpt2.load_model(str(tmp_path / "r" / "model_00001.pt"))
     assert model.num_parameters() == sum(v.numel() for k, v in ckpt["model"].items() if k != "lm_head.weight")
 
 
@@ -340,17 +341,17 @@ def test_each_rank_takes_its_local_gpu(fake_gpus, monkeypatch):
     seen, torchrun_env = fake_gpus
     torchrun_env(rank=11, local_rank=3, world_size=16)  # second node of two, fourth GPU
     for device in ("auto", "cuda"):
-        d = tg.setup_distributed(device)
+        d = gpt2.setup_distributed(device)
         assert (d.rank, d.local_rank, d.world_size, d.device) == (11, 3, 16, "cuda:3")
     assert seen["set_device"] == ["cuda:3", "cuda:3"]
     init = seen["init"][0]
     assert init["backend"] == "nccl" and (init["rank"], init["world_size"]) == (11, 16)
     assert init["device_id"] == torch.device("cuda:3") and init["timeout"] == datetime.timedelta(minutes=30)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # a scheduler shows each process one GPU
-    assert tg.setup_distributed("cuda").device == "cuda:0"
+    assert gpt2.setup_distributed("cuda").device == "cuda:0"
     with pytest.raises(ValueError, match=r"--device cuda:1 under torchrun would put all 16 ranks on one GPU"):
-        tg.setup_distributed("cuda:1")
-    cpu = tg.setup_distributed("cpu")
+        gpt2.setup_distributed("cuda:1")
+    cpu = gpt2.setup_distributed("cpu")
     assert cpu.device == "cpu" and seen["init"][-1]["backend"] == "gloo" and seen["init"][-1]["device_id"] is None
 
 
@@ -358,12 +359,12 @@ def test_one_process_on_a_chosen_gpu_binds_it(fake_gpus, monkeypatch):
     seen, _ = fake_gpus
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(k, raising=False)
-    assert tg.setup_distributed("cuda:1").device == "cuda:1" and tg.setup_distributed("auto").device == "cuda"
+    assert gpt2.setup_distributed("cuda:1").device == "cuda:1" and gpt2.setup_distributed("auto").device == "cuda"
     assert seen["set_device"] == ["cuda:1"] and seen["init"] == []  # synchronize() and kernels use GPU 1
 
 
 def test_mfu_formula_and_peaks(monkeypatch):
-    model = tg.GPT(tg.GPTConfig(vocab_size=50304))  # GPT-2 124M as trained here
+    model = gpt2.GPT(gpt2.GPTConfig(vocab_size=50304))  # GPT-2 124M as trained here
     n = sum(p.numel() for p in model.parameters())  # the tied matrix once, padded rows included
     L, C, T = 12, 768, 1024
     assert n == 124_475_904 and tg.flops_per_token(model, T) == 6 * n + 6 * L * C * T == 803_478_528
@@ -377,7 +378,7 @@ def test_mfu_formula_and_peaks(monkeypatch):
 
 
 def test_resume_keeps_the_optimizers_implementation():
-    model = tg.GPT(tg.GPTConfig(block_size=16, vocab_size=VOCAB, n_layer=1, n_head=2, n_embd=16))
+    model = gpt2.GPT(gpt2.GPTConfig(block_size=16, vocab_size=VOCAB, n_layer=1, n_head=2, n_embd=16))
     saved = tg.configure_optimizer(model, 0.1, 6e-4, (0.9, 0.95), 1e-8, "cpu")  # not fused, as on a CPU
     model(torch.randint(0, VOCAB, (2, 8)), torch.randint(0, VOCAB, (2, 8)))[1].backward()
     saved.step()
@@ -397,7 +398,7 @@ def test_resume_keeps_the_optimizers_implementation():
 
 
 def test_weight_decay_only_on_matrices_and_embeddings():
-    model = tg.GPT(tg.GPTConfig(block_size=16, vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=16))
+    model = gpt2.GPT(gpt2.GPTConfig(block_size=16, vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=16))
     opt = tg.configure_optimizer(model, 0.1, 6e-4, (0.9, 0.95), 1e-8, "cpu")
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = sorted(names[id(p)] for p in opt.param_groups[0]["params"])
@@ -417,7 +418,7 @@ def test_defaults_are_the_reference_recipe():
     assert (cfg.eval_interval, cfg.checkpoint_interval) == (250, 5000)
     import fineweb
 
-    assert cfg.data == fineweb.DEFAULT_OUT_DIR == str(REPO / "edu_fineweb10B")  # where fineweb.py writes, from any cwd
+    assert cfg.data == fineweb.Config().out_dir == str(REPO / "edu_fineweb10B")  # where fineweb.py writes, from any cwd
     help_text = tg.build_train_parser().format_help()
     for flag in ("--preset", "--data", "--log-dir", "--max-steps", "--micro-batch-size", "--seq-len",
                  "--total-batch-size", "--resume", "--init-from", "--compile", "--no-compile", "--seed",
@@ -599,8 +600,8 @@ def test_a_rank_that_cannot_read_the_token_cache_stops_every_rank(tmp_path):
     text.write_text("hello world. " * 200)
     script = tmp_path / "read_tokens.py"
     script.write_text(
-        "import sys\nfrom pathlib import Path\nimport numpy as np\nimport train_gpt2 as tg\n"
-        "dist = tg.setup_distributed('cpu')\n"
+        "import sys\nfrom pathlib import Path\nimport numpy as np\nimport gpt2\nimport train_gpt2 as tg\n"
+        "dist = gpt2.setup_distributed('cpu')\n"
         "if dist.rank == 1:\n"
         "    def unreadable(*args, **kwargs):\n"
         "        raise FileNotFoundError('not visible on this node')\n"
@@ -610,7 +611,7 @@ def test_a_rank_that_cannot_read_the_token_cache_stops_every_rank(tmp_path):
         "except Exception as e:\n"
         "    result = f'{type(e).__name__}: {e}'\n"
         "finally:\n"
-        "    tg.teardown_distributed()\n"
+        "    gpt2.teardown_distributed()\n"
         "Path(f'rank{dist.rank}.txt').write_text(result)\n")  # a file each: the ranks' stdout can interleave
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(text)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -634,7 +635,7 @@ def test_text_file_training_writes_log_checkpoint_and_samples(tmp_path, capsys):
     out = capsys.readouterr().out
     assert history["val"][29] < history["val"][0] - 2.0  # from ~10.9 (uniform over 50k tokens) well down
     assert (tmp_path / "log" / "model_00029.pt").exists()
-    assert "rank 0 sample 0: Hello, I'm a language model," in out
+    assert "rank 0 sample 0: ROMEO:" in out  # the preset's prompt
     cache = list(tmp_path.glob("input.txt.*.gpt2.npy"))
     assert len(cache) == 1
-    assert np.load(cache[0]).tolist() == tg.get_tokenizer().encode_ordinary(data.read_text())
+    assert np.load(cache[0]).tolist() == gpt2.get_tokenizer().encode_ordinary(data.read_text())

