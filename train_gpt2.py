@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import hashlib
 import math
+import os
 import re
 import signal
 import sys
@@ -372,7 +373,7 @@ PRESETS = {
     ),
     # OpenAI's GPT-2 (124M, downloaded from the Hub) fine-tuned on tiny Shakespeare; a GPU makes it quick
     "shakespeare-gpt2": dict(
-        data="input.txt", log_dir="log_shakespeare_gpt2", init_from="gpt2", total_batch_size=16384,
+        data="input.txt", log_dir="log_shakespeare_gpt2", init_from="gpt2", vocab_size=50257, total_batch_size=16384,
         micro_batch_size=8, seq_len=512, max_lr=1e-4, warmup_steps=5, max_steps=50, eval_interval=10, val_steps=8,
         hellaswag=False, checkpoint_interval=0, loss_chunk=1024, num_samples=2, max_new_tokens=48, prompt="ROMEO:",
     ),
@@ -576,22 +577,27 @@ class Metrics:
 
 
 class WandbTracker:
-    """Weights & Biases: one run per --log-dir, continued by --resume (its id is kept in the folder)."""
+    """Weights & Biases: one run per --log-dir, continued by --resume (its id is kept in the folder).
+    Offline (WANDB_MODE=offline) it writes the run under LOG_DIR/wandb/ for a later `wandb sync`."""
 
     def __init__(self, cfg: TrainConfig):
+        os.environ.setdefault("WANDB_ERROR_REPORTING", "false")  # wandb's own crash telemetry: it calls home
         import wandb
 
         id_file = Path(cfg.log_dir) / "wandb_run_id"
-        run_id = id_file.read_text().strip() if cfg.resume and id_file.is_file() else wandb.util.generate_id()
-        id_file.write_text(run_id + "\n")
-        self.run = wandb.init(project=cfg.wandb, id=run_id, resume="allow", dir=cfg.log_dir,
-                              config=dataclasses.asdict(cfg), settings=wandb.Settings(console="off"))
+        run_id = id_file.read_text().strip() if cfg.resume and id_file.is_file() else None  # None: a new run
+        self.run = wandb.init(project=cfg.wandb, id=run_id, resume="allow" if run_id else None, dir=cfg.log_dir,
+                              config=dataclasses.asdict(cfg), settings=wandb.Settings(console="off"))  # console: ours
+        id_file.write_text(self.run.id + "\n")
 
     def log(self, step: int, values: dict) -> None:
         self.run.log(values, step=step)
 
     def close(self) -> None:
+        import wandb
+
         self.run.finish()
+        wandb.teardown()  # finish() returns before wandb's service has written the run; this waits for it
 
 
 class TensorBoardTracker:
@@ -604,7 +610,7 @@ class TensorBoardTracker:
 
     def log(self, step: int, values: dict) -> None:
         for name, v in values.items():
-            self.writer.add_scalar(name, v, step)
+            self.writer.add_scalar(name, v, step, new_style=True, double_precision=True)  # the value as logged
 
     def close(self) -> None:
         self.writer.close()
