@@ -617,21 +617,26 @@ def build_shards(cfg: Config) -> dict:
         summary.update(seconds=time.time() - t0, out_dir=str(out))
         return summary
     except BaseException:
-        if writer is not None:
-            try:
-                writer.close()  # let a shard being written land (or be removed): never leave half of one
-            except BaseException:
-                pass
-        remove_stale_temp_files(out)
-        if fresh and writer is not None and not writer.manifest["shards"]:
-            (out / MANIFEST).unlink(missing_ok=True)  # ours, and naming no shard: leave the folder as it was
-        if created and not any(out.iterdir()):
-            out.rmdir()
+        _clean_up_failed_run(out, writer, fresh, created)
         raise
     finally:
         _inherited_fds.clear()
         if lock is not None:
             os.close(lock)
+
+
+def _clean_up_failed_run(out: Path, writer: ShardWriter | None, fresh: bool, created: bool) -> None:
+    """What a failed or interrupted run leaves: its complete shards, and nothing else of its own."""
+    if writer is not None:
+        try:
+            writer.close()  # let a shard being written land (or be removed): never leave half of one
+        except BaseException:
+            pass
+    remove_stale_temp_files(out)
+    if fresh and writer is not None and not writer.manifest["shards"]:
+        (out / MANIFEST).unlink(missing_ok=True)  # ours, and naming no shard: leave the folder as it was
+    if created and not any(out.iterdir()):
+        out.rmdir()
 
 
 def _tokenize(cfg, workers, first, batches, writer, index, tokens_done, doc, offset) -> dict:
