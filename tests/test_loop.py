@@ -364,3 +364,18 @@ def test_every_preset_value_reaches_the_config():
         flat |= flat.pop("sample")
         assert {k: flat[k] for k in values} == values, name
 
+
+
+@dataclasses.dataclass
+class Spacing:
+    tight: int = 1 # one space before the comment
+    wide: str = "a  # not a comment"      # many spaces, and a '#' inside the string
+    multi: tuple = (1,
+                    2)  # a field over two lines
+    bare: float = 0.5
+
+
+def test_help_text_is_each_fields_comment_however_it_is_spaced():
+    assert gpt2.field_help(Spacing) == {"tight": "one space before the comment",
+                                         "wide": "many spaces, and a '#' inside the string",
+                                         "multi": "a field over two lines"}
