@@ -128,6 +128,11 @@ def remove_stale_temp_files(folder) -> None:
         p.unlink(missing_ok=True)
 
 
+def one_line(msg) -> str:
+    """An error message as one line, for a command line's `error: ...`."""
+    return " ".join(str(msg).split())
+
+
 def download(url: str, dest: Path, timeout: float = 60.0) -> None:
     """Fetch url into dest through a temporary file, so a half-written file is never taken for data."""
     import shutil
@@ -201,7 +206,6 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, unset_is_absent: b
         elif "nargs" not in kw or kw["nargs"] != 0:
             kw.setdefault("type", {"int": int, "float": float}.get(kind, str))
         parser.add_argument(*flags, **kw)
-
 
 
 # -----------------------------------------------------------------------------
@@ -321,14 +325,16 @@ def barrier() -> None:
 
 def all_reduce_or_raise(values: torch.Tensor | None, error: BaseException | None, dist: Dist,
                         others: Exception) -> torch.Tensor:
-    """values (1-D, or None) summed over ranks in fp32, in one collective with whether each rank failed.
+    """values (1-D, or None) summed over dist's ranks in fp32, in one collective with whether each rank failed.
 
     Every rank calls this at the same point, with what it caught (or None); if any rank failed, every rank
     raises: its own error, or `others` (saying that another rank failed). So the ranks' collectives always
     match, and no rank is left waiting for one that died (NCCL would wait until the timeout).
     """
     flag = torch.full((1,), float(error is not None), device=dist.device)  # NCCL reduces device tensors only
-    total = all_reduce_sum(flag if values is None else torch.cat([flag, values.float().reshape(-1)]))
+    total = flag if values is None else torch.cat([flag, values.to(flag.device, torch.float32).reshape(-1)])
+    if dist.world_size > 1:
+        all_reduce_sum(total)
     if error is not None:
         raise error
     if total[0].item() > 0:
@@ -336,17 +342,21 @@ def all_reduce_or_raise(values: torch.Tensor | None, error: BaseException | None
     return total[1:]
 
 
+def on_every_rank(work, dist: Dist, others: Exception):
+    """work() on every rank, then all_reduce_or_raise: if it failed on any rank, every rank raises."""
+    result = error = None
+    try:
+        result = work()
+    except Exception as e:  # the other ranks must hear of it, not wait for this one in their next collective
+        error = e
+    all_reduce_or_raise(None, error, dist, others)
+    return result
+
+
 def rank_0_first(prepare, dist: Dist, others: Exception):
     """Rank 0 runs prepare() (a download, a tokenization) while the other ranks wait; returns its result on
     rank 0, None elsewhere. If it fails, every rank stops: rank 0 with its error, the others with `others`."""
-    result = error = None
-    if dist.master:
-        try:
-            result = prepare()
-        except Exception as e:  # any failure: the other ranks must hear of it, not wait for rank 0 forever
-            error = e
-    all_reduce_or_raise(None, error, dist, others)
-    return result
+    return on_every_rank(lambda: prepare() if dist.master else None, dist, others)
 
 
 # -----------------------------------------------------------------------------

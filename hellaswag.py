@@ -50,6 +50,7 @@ from gpt2 import (
     download,
     get_tokenizer,
     load_model,
+    one_line,
     rank_0_first,
     setup_distributed,
     setup_precision,
@@ -70,10 +71,6 @@ class HellaSwagError(ValueError):
     """Bad data, no data, or data the model cannot take. The message is one line, for the CLI."""
 
 
-def _one_line(msg) -> str:
-    return " ".join(str(msg).split())
-
-
 def data_url(split: str) -> str:
     return os.environ.get("HELLASWAG_URL", URL_TEMPLATE).format(split=split)
 
@@ -82,7 +79,7 @@ def fetch(url: str, dest: Path) -> None:
     try:
         download(url, dest)
     except (OSError, ValueError) as e:  # URLError/HTTPError/timeouts are OSErrors; a malformed URL is a ValueError
-        raise HellaSwagError(f"could not download {url} ({_one_line(e)}): check the network connection, "
+        raise HellaSwagError(f"could not download {url} ({one_line(e)}): check the network connection, "
                              "or pass --data-file PATH to a local hellaswag jsonl") from e
     print(f"downloaded {url} to {dest} ({dest.stat().st_size / 1e6:.1f} MB)", file=sys.stderr)
 
@@ -95,7 +92,7 @@ def _check_example(ex, where: str) -> dict:
         raise HellaSwagError(f"{where}: 'ctx' must be a non-empty string")
     endings = ex.get("endings")
     if not isinstance(endings, list) or len(endings) != NUM_ENDINGS:
-        got = f"{len(endings)} endings" if isinstance(endings, list) else f"'endings' = {_one_line(endings)[:40]}"
+        got = f"{len(endings)} endings" if isinstance(endings, list) else f"'endings' = {one_line(endings)[:40]}"
         raise HellaSwagError(f"{where}: expected a list of {NUM_ENDINGS} endings, got {got}")
     if not all(isinstance(e, str) for e in endings):
         raise HellaSwagError(f"{where}: every ending must be a string")
@@ -103,7 +100,7 @@ def _check_example(ex, where: str) -> dict:
     if label is None:
         raise HellaSwagError(f"{where}: no 'label' (the test split's labels are hidden: evaluate on val)")
     if type(label) is not int or not 0 <= label < NUM_ENDINGS:  # bool is an int subclass: rejected too
-        raise HellaSwagError(f"{where}: label {_one_line(json.dumps(label))[:40]} is not an integer in 0..3")
+        raise HellaSwagError(f"{where}: label {one_line(json.dumps(label))[:40]} is not an integer in 0..3")
     return ex
 
 
@@ -124,7 +121,7 @@ def read_examples(path) -> list[dict]:
     except FileNotFoundError as e:
         raise HellaSwagError(f"data file {path} not found") from e
     except UnicodeDecodeError as e:
-        raise HellaSwagError(f"{path}: not UTF-8 text ({_one_line(e)})") from e
+        raise HellaSwagError(f"{path}: not UTF-8 text ({one_line(e)})") from e
     if not examples:
         raise HellaSwagError(f"{path}: no examples")
     return examples
@@ -239,8 +236,8 @@ def _logits(model, tokens: torch.Tensor, autocast_dtype, logits_at=None) -> torc
 def takes_logits_at(model) -> bool:
     """Whether model(tokens, logits_at=mask) computes logits at the masked positions only, as our GPT does.
 
-    Read from the forward's signature, not from the model's class: a class is a module's, and a script run
-    as __main__ is a second module with a second copy of every class in it.
+    Read from the forward's signature, not from the model's class, so any model that offers it is scored
+    this way (and none silently loses it to a second copy of a class, as when a script was imported twice).
     """
     import inspect
 
@@ -486,7 +483,7 @@ def main(argv=None) -> int:
                   f"acc_norm {res['acc_norm']:.4f}")
         return 0
     except (HellaSwagError, OSError, ValueError, RuntimeError) as e:  # missing checkpoint, unknown model, OOM, ...
-        print(f"hellaswag.py: error: {_one_line(e)}", file=sys.stderr)
+        print(f"hellaswag.py: error: {one_line(e)}", file=sys.stderr)
         return 2
     finally:
         teardown_distributed()

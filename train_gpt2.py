@@ -7,8 +7,8 @@ Train GPT-2 (124M) from scratch, as in the lecture: FineWeb-Edu shards (or any .
     python train_gpt2.py export log/model_19072.pt hf_out/         # a folder transformers loads
 
 The model, its tokenizer and what every script shares are in gpt2.py; HellaSwag is in hellaswag.py.
-Sections: data, optimizer and schedule, configuration, checkpoints, metrics, set-up, evaluation,
-the training step, the training loop, command line.
+Sections: configuration, data, optimizer and schedule, metrics, the run, checkpoints, set-up,
+evaluation, the training step, the training loop, command line.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ import torch.nn as nn
 import hellaswag
 from gpt2 import (
     DATA_DIR,
-    DTYPES,
     GPT,
     GPT2_VOCAB_SIZE,
     SAMPLE_FLAG_ALIASES,
@@ -53,6 +52,8 @@ from gpt2 import (
     load_model,
     model_entries,
     model_from_checkpoint,
+    on_every_rank,
+    one_line,
     rank_0_first,
     read_model,
     resolve_device,
@@ -71,6 +72,99 @@ class TrainError(ValueError):
 class TrainingDiverged(RuntimeError):
     """A non-finite loss or gradient norm: the run stops, and its last checkpoint stays as it was."""
 
+# -----------------------------------------------------------------------------
+# Configuration: every field is a --kebab-case flag; its comment is the --help text.
+
+
+@dataclass
+class TrainConfig:
+    # data and output
+    data: str = str(DATA_DIR)  # fineweb.py's shard folder (edu_fineweb10B/ beside the scripts), or a .txt file
+    val_fraction: float = 0.1  # .txt data only: the last fraction of its tokens is the validation split
+    log_dir: str = "log"  # log.txt and the checkpoints model_{step:05d}.pt
+    preset: str | None = None  # named defaults that other flags override (listed below)
+    # model
+    init_from: str = "scratch"  # scratch, an HF name or folder (gpt2, gpt2-xl, path/), or one of our .pt checkpoints
+    n_layer: int = 12  # transformer blocks (scratch only)
+    n_head: int = 12  # attention heads (scratch only)
+    n_embd: int = 768  # embedding width (scratch only)
+    block_size: int = 1024  # the model's context length (scratch only)
+    vocab_size: int = 50304  # 50257 padded to a multiple of 128 for fast matmuls; padded rows learn to be unlikely
+    # batch: total = micro-batch x seq-len x GPUs x gradient-accumulation steps (computed)
+    total_batch_size: int = 524288  # tokens per optimizer step: 2**19, ~0.5M as GPT-3 small
+    micro_batch_size: int = 64  # sequences per forward pass per GPU; lower it if out of memory, the total stays
+    seq_len: int = 1024  # tokens per sequence (<= the model's block size)
+    # optimizer and schedule: GPT-3 small's
+    max_lr: float = 6e-4  # peak learning rate
+    min_lr_ratio: float = 0.1  # the cosine ends at this fraction of max-lr
+    warmup_steps: int = 715  # linear warmup: 375M tokens
+    max_steps: int = 19073  # 10B tokens / 2**19 tokens per step: one epoch of FineWeb-Edu sample-10BT
+    weight_decay: float = 0.1  # on matrices and embeddings only
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    eps: float = 1e-8  # AdamW epsilon
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0: no clipping)
+    # evaluation and samples
+    eval_interval: int = 250  # validation, HellaSwag and samples every this many steps and at the last; 0: none
+    val_steps: int = 20  # validation batches per evaluation, the same tokens every time
+    hellaswag: bool = True  # HellaSwag acc_norm at each evaluation (downloads the val set, or --hellaswag-file)
+    hellaswag_file: str | None = None  # a local hellaswag_val.jsonl, for offline machines
+    sample: SampleConfig = field(default_factory=SampleConfig)  # the samples printed at each evaluation, per rank
+    # checkpoints and logging
+    checkpoint_interval: int = 5000  # write a checkpoint every this many steps, and at the last step (0: last only)
+    resume: str | None = None  # continue a run: alone, the newest checkpoint in --log-dir; or a checkpoint's path
+    stop_after_step: int | None = None  # checkpoint and exit after this step, as if preempted (fixed-length jobs)
+    wandb: str | None = None  # also log to this Weights & Biases project (pip install wandb; WANDB_MODE=offline)
+    tensorboard: bool = False  # also write TensorBoard event files into --log-dir (pip install tensorboard)
+    # system
+    device: str = "auto"  # auto (cuda:LOCAL_RANK, mps or cpu), or cpu, cuda, mps, cuda:1 (one process only)
+    dtype: str = "auto"  # autocast: bfloat16 or float32; auto is bfloat16 on CUDA, float32 elsewhere
+    compile: bool | None = None  # torch.compile the training step (default: on CUDA only)
+    loss_chunk: int = 0  # >0: output layer + loss this many tokens at a time, never all the logits at once (memory)
+    seed: int = 1337  # model init and --shuffle
+    shuffle: bool = False  # permute shards and windows each epoch (default: in order, as the reference)
+
+    def model_config(self) -> GPTConfig:
+        """The model a scratch run builds (--init-from scratch)."""
+        return GPTConfig(self.block_size, self.vocab_size, self.n_layer, self.n_head, self.n_embd)
+
+
+PRESETS = {
+    # the quick start, ~2 minutes on a 2-core laptop CPU: most of its compute is the 50304-wide output layer
+    "shakespeare": dict(
+        data="input.txt", log_dir="log_shakespeare", n_layer=4, n_head=4, n_embd=128, block_size=128,
+        total_batch_size=1024, micro_batch_size=8, seq_len=128, max_lr=3e-3, warmup_steps=10, max_steps=200,
+        eval_interval=50, val_steps=4, hellaswag=False, checkpoint_interval=100, loss_chunk=256,
+        num_samples=2, max_new_tokens=48, prompt="ROMEO:",
+    ),
+    # OpenAI's GPT-2 (124M, downloaded from the Hub) fine-tuned on tiny Shakespeare; a GPU makes it quick
+    "shakespeare-gpt2": dict(
+        data="input.txt", log_dir="log_shakespeare_gpt2", init_from="gpt2", vocab_size=50257, total_batch_size=16384,
+        micro_batch_size=8, seq_len=512, max_lr=1e-4, warmup_steps=5, max_steps=50, eval_interval=10, val_steps=8,
+        hellaswag=False, checkpoint_interval=0, loss_chunk=1024, num_samples=2, max_new_tokens=48, prompt="ROMEO:",
+    ),
+}
+
+
+def build_train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train_gpt2.py",
+        description="Train GPT-2. Subcommands: `train_gpt2.py sample --help`, `train_gpt2.py export --help`.",
+        epilog="Presets: " + "; ".join(f"{k}: {v}" for k, v in PRESETS.items()))
+    # flags not given stay unset, so a preset's values apply and explicit flags override them
+    add_dataclass_flags(p, TrainConfig, unset_is_absent=True, extra={
+        "resume": dict(nargs="?", const="latest", metavar="CHECKPOINT"),
+        "preset": dict(choices=sorted(PRESETS)),
+        **SAMPLE_FLAG_ALIASES,
+    })
+    return p
+
+
+def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
+    args = vars(build_train_parser().parse_args(argv))
+    values = {**PRESETS.get(args.get("preset"), {}), **args}
+    sample = {f.name: values.pop(f.name) for f in dataclasses.fields(SampleConfig) if f.name in values}
+    return TrainConfig(**values, sample=SampleConfig(**sample))
 
 # -----------------------------------------------------------------------------
 # Data: uint16 token shards (fineweb.py's format, and build-nanogpt's) or one .txt file.
@@ -267,7 +361,6 @@ def open_data(cfg: TrainConfig, dist: Dist, need_val: bool, vocab_size: int):
     val_loader = DataLoader(splits["val"], B, T, names=names["val"], **kw) if need_val else None
     return train_loader, val_loader
 
-
 # -----------------------------------------------------------------------------
 # Optimizer and learning-rate schedule
 
@@ -304,107 +397,193 @@ def get_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int, max_steps
     coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # 1 -> 0
     return min_lr + coeff * (max_lr - min_lr)
 
+# -----------------------------------------------------------------------------
+# Metrics: the one place a number goes to the console, log.txt, the history train() returns, and the
+# trackers (Weights & Biases, TensorBoard) when asked for. log.txt lines are `{step} {name} {value}`,
+# the reference's format, which play.ipynb reads.
 
+
+def duration(seconds: float) -> str:
+    seconds = round(seconds)
+    h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+class WandbTracker:
+    """Weights & Biases: one run per --log-dir, continued by --resume (its id is kept in the folder), plotted
+    against our step. Offline (WANDB_MODE=offline) it writes the run under LOG_DIR/wandb/ for `wandb sync`."""
+
+    def __init__(self, cfg: TrainConfig, start_step: int):
+        os.environ.setdefault("WANDB_ERROR_REPORTING", "false")  # wandb's crash telemetry calls home, even offline
+        try:
+            import wandb
+        except ImportError:
+            raise TrainError("--wandb needs the wandb package: pip install wandb") from None
+        id_file = Path(cfg.log_dir) / "wandb_run_id"
+        run_id = id_file.read_text().strip() if start_step > 0 and id_file.is_file() else None  # None: a new run
+        try:
+            self.run = wandb.init(project=cfg.wandb, id=run_id, resume="allow" if run_id else None, dir=cfg.log_dir,
+                                  config=dataclasses.asdict(cfg), settings=wandb.Settings(console="off"))
+        except Exception as e:  # no account, no network, ...
+            raise TrainError(f"--wandb {cfg.wandb}: no run started ({one_line(e)}); "
+                             "WANDB_MODE=offline needs neither") from None
+        # x axis: our step, not W&B's own counter, which refuses the steps a run resumed after a crash repeats
+        self.run.define_metric("step")
+        self.run.define_metric("*", step_metric="step")
+        id_file.write_text(self.run.id + "\n")
+
+    def log(self, step: int, values: dict) -> None:
+        self.run.log({"step": step, **values})
+
+    def close(self, failed: bool) -> None:
+        import wandb
+
+        self.run.finish(exit_code=1 if failed else 0)
+        wandb.teardown()  # finish() returns before wandb's service has written the run; this waits for it
+
+
+class TensorBoardTracker:
+    """TensorBoard event files in --log-dir: `tensorboard --logdir LOG_DIR`."""
+
+    def __init__(self, log_dir: str, start_step: int):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise TrainError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+        self.writer = SummaryWriter(log_dir, purge_step=start_step)  # drops what a crashed run wrote past it
+
+    def log(self, step: int, values: dict) -> None:
+        for name, v in values.items():
+            self.writer.add_scalar(name, v, step, new_style=True, double_precision=True)  # the value as logged
+
+    def close(self, failed: bool) -> None:
+        self.writer.close()
+
+
+class Metrics:
+    """log(step, name=value, ...) records a step's numbers everywhere they go; print() is the console (rank 0)."""
+
+    # name: (its format in log.txt, None for the console only; its console text)
+    FORMATS = {
+        "val": (".4f", "val loss {:.4f}"),
+        "hella": (".4f", "HellaSwag acc_norm {:.4f}"),
+        "train": (".6f", "loss {:.6f}"),
+        "lr": (".6e", "lr {:.4e}"),
+        "norm": (".4f", "norm {:.4f}"),
+        "dt": (None, "dt {:.2f}ms"),  # seconds, shown in milliseconds
+        "tokens_per_sec": (".1f", "tok/sec {:,.0f}"),
+        "mfu": (".4f", "mfu {:.1%}"),
+    }
+
+    def __init__(self, cfg: TrainConfig, dist: Dist, start_step: int):
+        self.master, self.max_steps = dist.master, cfg.max_steps
+        self.history = {name: {} for name in self.FORMATS}
+        self.path = Path(cfg.log_dir) / "log.txt"
+        self.trackers = []
+        self.clock = None  # (step, time) of the first step this process ran: the ETA's start
+        if not self.master:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if start_step == 0:
+            self.path.write_text("")  # a fresh run starts a fresh log; a resumed one appends
+        if cfg.wandb:
+            self.trackers.append(WandbTracker(cfg, start_step))
+        if cfg.tensorboard:
+            self.trackers.append(TensorBoardTracker(cfg.log_dir, start_step))
+
+    def print(self, text: str) -> None:
+        if self.master:
+            print(text, flush=True)
+
+    def log(self, step: int, note: str = "", **values) -> None:
+        values = {k: v for k, v in values.items() if v is not None}
+        for name, v in values.items():
+            self.history[name][step] = v
+        if not self.master:
+            return
+        with open(self.path, "a") as f:
+            f.writelines(f"{step} {k} {v:{self.FORMATS[k][0]}}\n" for k, v in values.items() if self.FORMATS[k][0])
+        for tracker in self.trackers:
+            tracker.log(step, values)
+        text = [self.FORMATS[k][1].format(1000 * v if k == "dt" else v) for k, v in values.items()]
+        eta = [self.eta(step)] if "train" in values else []
+        self.print(" | ".join([self.progress(step), *text, *([note] if note else []), *eta]))
+
+    def progress(self, step: int) -> str:
+        return f"step {step:,}/{self.max_steps:,} ({step / self.max_steps:.1%})"
+
+    def eta(self, step: int) -> str:
+        """Time left at the pace since this process's first step (evaluations and checkpoints included)."""
+        now = time.perf_counter()
+        if self.clock is None or self.clock[0] == step:
+            self.clock = self.clock or (step, now)
+            return "eta -"
+        first, t0 = self.clock
+        return f"eta {duration((now - t0) / (step - first) * (self.max_steps - 1 - step))}"
+
+    def close(self, failed: bool = False) -> None:
+        trackers, self.trackers = self.trackers, []
+        for tracker in trackers:
+            tracker.close(failed)
+
+
+# dense bf16 tensor-core peaks per GPU from NVIDIA's data sheets, the most specific name first
+# (the first substring of torch.cuda.get_device_name that matches wins); TF32 is half of these
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12, "H100": 989e12, "H200": 989e12,
+                   "GH200": 989e12, "A100": 312e12}
+
+
+def peak_flops(device: str, bf16: bool = True) -> float | None:
+    """Peak matmul FLOP/s of the GPU that MFU is measured against; None when unknown (or not a GPU)."""
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    return peak if peak is None or bf16 else peak / 2
+
+
+def flops_per_token(model: GPT, T: int) -> int:
+    """Training FLOPs per token, this project's MFU definition: 6N for the matmuls with the parameters
+    (forward + backward; N all parameters, the tied embedding once, padded vocab included) + 6*L*C*T for
+    attention's two T-long matmuls per layer, half of them skipped by the causal mask. (nanoGPT and the
+    PaLM paper count 12*L*C*T without the discount and leave wpe out: about 6% more at T=1024.)"""
+    c = model.config
+    return 6 * model.num_parameters() + 6 * c.n_layer * c.n_embd * T
 
 # -----------------------------------------------------------------------------
-# Configuration: every field is a --kebab-case flag; its comment is the --help text.
+# The run: one plain record of everything the loop works with, made by setup()
 
 
 @dataclass
-class TrainConfig:
-    # data and output
-    data: str = str(DATA_DIR)  # fineweb.py's shard folder (edu_fineweb10B/ beside the scripts), or a .txt file
-    val_fraction: float = 0.1  # .txt data only: the last fraction of its tokens is the validation split
-    log_dir: str = "log"  # log.txt and the checkpoints model_{step:05d}.pt
-    preset: str | None = None  # named defaults that other flags override (listed below)
-    # model
-    init_from: str = "scratch"  # scratch, an HF name or folder (gpt2, gpt2-xl, path/), or one of our .pt checkpoints
-    n_layer: int = 12  # transformer blocks (scratch only)
-    n_head: int = 12  # attention heads (scratch only)
-    n_embd: int = 768  # embedding width (scratch only)
-    block_size: int = 1024  # the model's context length (scratch only)
-    vocab_size: int = 50304  # 50257 padded to a multiple of 128 for fast matmuls; padded rows learn to be unlikely
-    # batch: total = micro-batch x seq-len x GPUs x gradient-accumulation steps (computed)
-    total_batch_size: int = 524288  # tokens per optimizer step: 2**19, ~0.5M as GPT-3 small
-    micro_batch_size: int = 64  # sequences per forward pass per GPU; lower it if out of memory, the total stays
-    seq_len: int = 1024  # tokens per sequence (<= the model's block size)
-    # optimizer and schedule: GPT-3 small's
-    max_lr: float = 6e-4  # peak learning rate
-    min_lr_ratio: float = 0.1  # the cosine ends at this fraction of max-lr
-    warmup_steps: int = 715  # linear warmup: 375M tokens
-    max_steps: int = 19073  # 10B tokens / 2**19 tokens per step: one epoch of FineWeb-Edu sample-10BT
-    weight_decay: float = 0.1  # on matrices and embeddings only
-    beta1: float = 0.9  # AdamW beta1
-    beta2: float = 0.95  # AdamW beta2
-    eps: float = 1e-8  # AdamW epsilon
-    grad_clip: float = 1.0  # clip the global gradient norm to this (0: no clipping)
-    # evaluation and samples
-    eval_interval: int = 250  # validation, HellaSwag and samples every this many steps and at the last; 0: none
-    val_steps: int = 20  # validation batches per evaluation, the same tokens every time
-    hellaswag: bool = True  # HellaSwag acc_norm at each evaluation (downloads the val set, or --hellaswag-file)
-    hellaswag_file: str | None = None  # a local hellaswag_val.jsonl, for offline machines
-    sample: SampleConfig = field(default_factory=SampleConfig)  # the samples printed at each evaluation, per rank
-    # checkpoints and logging
-    checkpoint_interval: int = 5000  # write a checkpoint every this many steps, and at the last step (0: last only)
-    resume: str | None = None  # continue a run: alone, the newest checkpoint in --log-dir; or a checkpoint's path
-    stop_after_step: int | None = None  # checkpoint and exit after this step, as if preempted (fixed-length jobs)
-    wandb: str | None = None  # also log to this Weights & Biases project (pip install wandb; WANDB_MODE=offline)
-    tensorboard: bool = False  # also write TensorBoard event files into --log-dir (pip install tensorboard)
-    # system
-    device: str = "auto"  # auto (cuda:LOCAL_RANK, mps or cpu), or cpu, cuda, mps, cuda:1 (one process only)
-    dtype: str = "auto"  # autocast: bfloat16 or float32; auto is bfloat16 on CUDA, float32 elsewhere
-    compile: bool | None = None  # torch.compile the training step (default: on CUDA only)
-    loss_chunk: int = 0  # >0: output layer + loss this many tokens at a time, never all the logits at once (memory)
-    seed: int = 1337  # model init and --shuffle
-    shuffle: bool = False  # permute shards and windows each epoch (default: in order, as the reference)
+class Run:
+    cfg: TrainConfig
+    dist: Dist
+    raw_model: GPT  # the weights, eager: HellaSwag and samples (their shapes vary), checkpoints
+    compiled: nn.Module  # raw_model, compiled with --compile: validation (training's shapes, no recompiles)
+    model: nn.Module  # compiled, wrapped in DDP when there are several ranks: what training calls
+    optimizer: torch.optim.Optimizer
+    train_loader: DataLoader
+    val_loader: DataLoader | None
+    hella_examples: list[dict] | None
+    autocast_dtype: torch.dtype | None  # None: fp32
+    grad_accum: int  # micro-batches per optimizer step
+    flops_per_token: int
+    peak_flops: float | None
+    metrics: Metrics | None = None
+    start_step: int = 0
+    val_loss: float | None = None
 
-    def model_config(self) -> GPTConfig:
-        """The model a scratch run builds (--init-from scratch)."""
-        return GPTConfig(self.block_size, self.vocab_size, self.n_layer, self.n_head, self.n_embd)
-
-
-PRESETS = {
-    # the quick start, ~2 minutes on a 2-core laptop CPU: most of its compute is the 50304-wide output layer
-    "shakespeare": dict(
-        data="input.txt", log_dir="log_shakespeare", n_layer=4, n_head=4, n_embd=128, block_size=128,
-        total_batch_size=1024, micro_batch_size=8, seq_len=128, max_lr=3e-3, warmup_steps=10, max_steps=200,
-        eval_interval=50, val_steps=4, hellaswag=False, checkpoint_interval=100, loss_chunk=256,
-        num_samples=2, max_new_tokens=48, prompt="ROMEO:",
-    ),
-    # OpenAI's GPT-2 (124M, downloaded from the Hub) fine-tuned on tiny Shakespeare; a GPU makes it quick
-    "shakespeare-gpt2": dict(
-        data="input.txt", log_dir="log_shakespeare_gpt2", init_from="gpt2", vocab_size=50257, total_batch_size=16384,
-        micro_batch_size=8, seq_len=512, max_lr=1e-4, warmup_steps=5, max_steps=50, eval_interval=10, val_steps=8,
-        hellaswag=False, checkpoint_interval=0, loss_chunk=1024, num_samples=2, max_new_tokens=48, prompt="ROMEO:",
-    ),
-}
-
-
-def build_train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="train_gpt2.py",
-        description="Train GPT-2. Subcommands: `train_gpt2.py sample --help`, `train_gpt2.py export --help`.",
-        epilog="Presets: " + "; ".join(f"{k}: {v}" for k, v in PRESETS.items()))
-    # flags not given stay unset, so a preset's values apply and explicit flags override them
-    add_dataclass_flags(p, TrainConfig, unset_is_absent=True, extra={
-        "resume": dict(nargs="?", const="latest", metavar="CHECKPOINT"),
-        "preset": dict(choices=sorted(PRESETS)),
-        **SAMPLE_FLAG_ALIASES,
-    })
-    return p
-
-
-def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
-    args = vars(build_train_parser().parse_args(argv))
-    values = {**PRESETS.get(args.get("preset"), {}), **args}
-    sample = {f.name: values.pop(f.name) for f in dataclasses.fields(SampleConfig) if f.name in values}
-    return TrainConfig(**values, sample=SampleConfig(**sample))
-
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.dist.device_type, dtype=self.autocast_dtype)
 
 # -----------------------------------------------------------------------------
 # Checkpoints: the run's state, saved and restored side by side. A checkpoint is gpt2.model_entries (the
 # model's weights and shape) plus what continues the run exactly: optimizer, step, data position, every
 # rank's RNG, the arguments. Rank 0 writes it as model_{step:05d}.pt in --log-dir.
+
+RUN_STATE = ("optimizer", "step", "val_loss", "loader", "rng", "args", "world_size")  # beside model_entries'
 
 
 def checkpoint_path(log_dir, step: int) -> Path:
@@ -439,17 +618,16 @@ def _gather_rng_states(dist: Dist) -> list[dict]:
 
 
 def save_run(run: Run, step: int) -> Path | None:
-    """Every rank calls this (it gathers the ranks' RNG states); rank 0 writes the checkpoint and returns its path."""
+    """Every rank calls this (it gathers the ranks' RNG states); rank 0 writes the checkpoint and returns its
+    path. If the write fails (a full disk), every rank stops."""
     rng = _gather_rng_states(run.dist)
-    if not run.dist.master:
-        return None
     path = checkpoint_path(run.cfg.log_dir, step)
-    save_checkpoint(path, {
-        **model_entries(run.raw_model), "optimizer": run.optimizer.state_dict(), "step": step,
-        "val_loss": run.val_loss, "loader": run.train_loader.state_dict(), "rng": rng,
-        "args": dataclasses.asdict(run.cfg), "world_size": run.dist.world_size,
-    })
-    return path
+    state = lambda: {**model_entries(run.raw_model), "optimizer": run.optimizer.state_dict(), "step": step,
+                     "val_loss": run.val_loss, "loader": run.train_loader.state_dict(), "rng": rng,
+                     "args": dataclasses.asdict(run.cfg), "world_size": run.dist.world_size}
+    rank_0_first(lambda: save_checkpoint(path, state()), run.dist,
+                 TrainError(f"rank 0 could not write {path} (see its error)"))
+    return path if run.dist.master else None
 
 
 def restore_run(run: Run, ckpt: dict) -> None:
@@ -482,191 +660,24 @@ def open_resume(cfg: TrainConfig, world_size: int) -> tuple[dict | None, Path | 
     if not path.is_file():
         raise TrainError(f"--resume {path}: no such checkpoint")
     ckpt = load_checkpoint(path)
-    saved = ckpt.get("args", {})
+    if any(k not in ckpt for k in RUN_STATE):
+        raise TrainError(f"--resume {path}: a model without a run's state: start from it with --init-from {path}")
     if cfg.init_from == "scratch":
         diff = _differences(ckpt["config"], dataclasses.asdict(cfg.model_config()))
         if diff:
             raise TrainError(f"--resume: the checkpoint is another model shape ({diff}): "
                              "pass the flags (or --preset) of the run that wrote it")
-    elif saved.get("init_from") != cfg.init_from:
-        raise TrainError(f"--resume: the checkpoint's run had --init-from {saved.get('init_from')}, "
+    elif ckpt["args"].get("init_from") != cfg.init_from:
+        raise TrainError(f"--resume: the checkpoint's run had --init-from {ckpt['args'].get('init_from')}, "
                          f"this run {cfg.init_from}")
     if ckpt["world_size"] != world_size:
         raise TrainError(f"--resume: the checkpoint was written by {ckpt['world_size']} rank(s), this run has "
                          f"{world_size}: resume with the same number of processes")
     return ckpt, path
 
-
 # -----------------------------------------------------------------------------
-# Metrics: the one place a number goes to the console, log.txt, the history train() returns, and the
-# trackers (Weights & Biases, TensorBoard) when asked for. log.txt lines are `{step} {name} {value}`,
-# the reference's format, which play.ipynb reads.
-
-# name: (its format in log.txt, None for the console only; its console text)
-METRICS = {
-    "val": (".4f", "val loss {:.4f}"),
-    "hella": (".4f", "HellaSwag acc_norm {:.4f}"),
-    "train": (".6f", "loss {:.6f}"),
-    "lr": (".6e", "lr {:.4e}"),
-    "norm": (".4f", "norm {:.4f}"),
-    "dt": (None, "dt {:.2f}ms"),  # seconds, shown in milliseconds
-    "tokens_per_sec": (".1f", "tok/sec {:,.0f}"),
-    "mfu": (".4f", "mfu {:.1%}"),
-}
-
-
-def duration(seconds: float) -> str:
-    seconds = round(seconds)
-    h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
-
-
-class Metrics:
-    """log(step, name=value, ...) records a step's numbers everywhere they go; print() is the console (rank 0)."""
-
-    def __init__(self, cfg: TrainConfig, dist: Dist, start_step: int):
-        self.master, self.max_steps = dist.master, cfg.max_steps
-        self.history = {name: {} for name in METRICS}
-        self.path = Path(cfg.log_dir) / "log.txt"
-        self.trackers = []
-        self.clock = None  # (step, time) of the first step this process ran: the ETA's start
-        if not self.master:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if start_step == 0:
-            self.path.write_text("")  # a fresh run starts a fresh log; a resumed one appends
-        if cfg.wandb:
-            self.trackers.append(WandbTracker(cfg))
-        if cfg.tensorboard:
-            self.trackers.append(TensorBoardTracker(cfg.log_dir))
-
-    def print(self, text: str) -> None:
-        if self.master:
-            print(text, flush=True)
-
-    def log(self, step: int, note: str = "", **values) -> None:
-        values = {k: v for k, v in values.items() if v is not None}
-        for name, v in values.items():
-            self.history[name][step] = v
-        if not self.master:
-            return
-        with open(self.path, "a") as f:
-            f.writelines(f"{step} {k} {v:{METRICS[k][0]}}\n" for k, v in values.items() if METRICS[k][0])
-        for tracker in self.trackers:
-            tracker.log(step, values)
-        text = [METRICS[k][1].format(1000 * v if k == "dt" else v) for k, v in values.items()]
-        eta = [self.eta(step)] if "train" in values else []
-        self.print(" | ".join([self.progress(step), *text, *([note] if note else []), *eta]))
-
-    def progress(self, step: int) -> str:
-        return f"step {step:,}/{self.max_steps:,} ({step / self.max_steps:.1%})"
-
-    def eta(self, step: int) -> str:
-        """Time left at the pace since this process's first step (evaluations and checkpoints included)."""
-        now = time.perf_counter()
-        if self.clock is None or self.clock[0] == step:
-            self.clock = self.clock or (step, now)
-            return "eta -"
-        first, t0 = self.clock
-        return f"eta {duration((now - t0) / (step - first) * (self.max_steps - 1 - step))}"
-
-    def close(self) -> None:
-        for tracker in self.trackers:
-            tracker.close()
-        self.trackers = []
-
-
-class WandbTracker:
-    """Weights & Biases: one run per --log-dir, continued by --resume (its id is kept in the folder).
-    Offline (WANDB_MODE=offline) it writes the run under LOG_DIR/wandb/ for a later `wandb sync`."""
-
-    def __init__(self, cfg: TrainConfig):
-        os.environ.setdefault("WANDB_ERROR_REPORTING", "false")  # wandb's own crash telemetry: it calls home
-        import wandb
-
-        id_file = Path(cfg.log_dir) / "wandb_run_id"
-        run_id = id_file.read_text().strip() if cfg.resume and id_file.is_file() else None  # None: a new run
-        self.run = wandb.init(project=cfg.wandb, id=run_id, resume="allow" if run_id else None, dir=cfg.log_dir,
-                              config=dataclasses.asdict(cfg), settings=wandb.Settings(console="off"))  # console: ours
-        id_file.write_text(self.run.id + "\n")
-
-    def log(self, step: int, values: dict) -> None:
-        self.run.log(values, step=step)
-
-    def close(self) -> None:
-        import wandb
-
-        self.run.finish()
-        wandb.teardown()  # finish() returns before wandb's service has written the run; this waits for it
-
-
-class TensorBoardTracker:
-    """TensorBoard event files in --log-dir: `tensorboard --logdir LOG_DIR`."""
-
-    def __init__(self, log_dir: str):
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(log_dir)
-
-    def log(self, step: int, values: dict) -> None:
-        for name, v in values.items():
-            self.writer.add_scalar(name, v, step, new_style=True, double_precision=True)  # the value as logged
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-# dense bf16 tensor-core peaks per GPU from NVIDIA's data sheets, the most specific name first
-# (the first substring of torch.cuda.get_device_name that matches wins); TF32 is half of these
-PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12, "H100": 989e12, "H200": 989e12,
-                   "GH200": 989e12, "A100": 312e12}
-
-
-def peak_flops(device: str, bf16: bool = True) -> float | None:
-    """Peak matmul FLOP/s of the GPU that MFU is measured against; None when unknown (or not a GPU)."""
-    if not device.startswith("cuda"):
-        return None
-    name = torch.cuda.get_device_name(device)
-    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-    return peak if peak is None or bf16 else peak / 2
-
-
-def flops_per_token(model: GPT, T: int) -> int:
-    """Training FLOPs per token, this project's MFU definition: 6N for the matmuls with the parameters
-    (forward + backward; N all parameters, the tied embedding once, padded vocab included) + 6*L*C*T for
-    attention's two T-long matmuls per layer, half of them skipped by the causal mask. (nanoGPT and the
-    PaLM paper count 12*L*C*T without the discount and leave wpe out: about 6% more at T=1024.)"""
-    c = model.config
-    return 6 * model.num_parameters() + 6 * c.n_layer * c.n_embd * T
-
-
-# -----------------------------------------------------------------------------
-# Set-up: every check before step 0, then one plain record of everything the loop works with
-
-
-@dataclass
-class Run:
-    cfg: TrainConfig
-    dist: Dist
-    raw_model: GPT  # the weights, eager: HellaSwag and samples (their shapes vary), checkpoints
-    compiled: nn.Module  # raw_model, compiled with --compile: validation (training's shapes, no recompiles)
-    model: nn.Module  # compiled, wrapped in DDP when there are several ranks: what training calls
-    optimizer: torch.optim.Optimizer
-    train_loader: DataLoader
-    val_loader: DataLoader | None
-    hella_examples: list[dict] | None
-    autocast_dtype: torch.dtype | None  # None: fp32
-    grad_accum: int  # micro-batches per optimizer step
-    flops_per_token: int
-    peak_flops: float | None
-    metrics: Metrics | None = None
-    start_step: int = 0
-    val_loss: float | None = None
-
-    def autocast(self):
-        if self.autocast_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.dist.device_type, dtype=self.autocast_dtype)
+# Set-up: every check before step 0, then the run. What each rank reads for itself (the checkpoint, the
+# model, HellaSwag, rank 0's log and trackers) goes through on_every_rank: a failure on one stops them all.
 
 
 def check_batch(cfg: TrainConfig, world_size: int) -> int:
@@ -677,8 +688,6 @@ def check_batch(cfg: TrainConfig, world_size: int) -> int:
                          f"seq-len {T} x {world_size} ranks = {B * T * world_size}: change one of them")
     if cfg.loss_chunk < 0:
         raise TrainError(f"--loss-chunk {cfg.loss_chunk}: give a number of tokens, or 0 for one matmul")
-    if cfg.dtype not in DTYPES:
-        raise TrainError(f"--dtype {cfg.dtype}: use {', '.join(DTYPES)}")
     return cfg.total_batch_size // (B * T * world_size)
 
 
@@ -688,13 +697,22 @@ def build_model(cfg: TrainConfig, ckpt: dict | None) -> GPT:
     elif cfg.init_from == "scratch":
         model = GPT(cfg.model_config())
     else:
-        model = read_model(cfg.init_from, vocab_size=cfg.vocab_size)
-    c = model.config
+        try:
+            model = read_model(cfg.init_from, vocab_size=cfg.vocab_size)
+        except OSError as e:  # transformers' word for a name it cannot find or download
+            raise TrainError(f"--init-from {cfg.init_from}: {one_line(e)}") from None
+    c, sample = model.config, cfg.sample
     if cfg.seq_len > c.block_size:
         raise TrainError(f"--seq-len {cfg.seq_len} exceeds the model's block size {c.block_size}")
-    if cfg.eval_interval > 0 and (cfg.hellaswag or cfg.sample.num_samples > 0) and c.vocab_size < GPT2_VOCAB_SIZE:
+    if cfg.eval_interval <= 0 or not (cfg.hellaswag or sample.num_samples > 0):
+        return model
+    if c.vocab_size < GPT2_VOCAB_SIZE:
         raise TrainError(f"vocab size {c.vocab_size} < GPT-2's {GPT2_VOCAB_SIZE}: HellaSwag and "
                          "samples need GPT-2 tokens; pass --no-hellaswag --num-samples 0")
+    prompt = len(get_tokenizer().encode(sample.prompt, allowed_special={"<|endoftext|>"}))
+    if sample.num_samples > 0 and prompt + sample.max_new_tokens > c.block_size:
+        raise TrainError(f"--prompt ({prompt} tokens) + --max-new-tokens {sample.max_new_tokens} exceed the "
+                         f"model's block size {c.block_size}: shorten one")
     return model
 
 
@@ -711,40 +729,48 @@ def load_hellaswag(cfg: TrainConfig, dist: Dist, block_size: int) -> list[dict]:
     return examples
 
 
+def wrap_model(raw_model: GPT, cfg: TrainConfig, dist: Dist) -> tuple[nn.Module, nn.Module, bool]:
+    """(compiled, model): raw_model compiled with --compile (default: on CUDA), then wrapped in DDP for
+    several ranks; and whether it was compiled."""
+    use_compile = cfg.compile if cfg.compile is not None else dist.device_type == "cuda"
+    compiled = torch.compile(raw_model) if use_compile else raw_model
+    if dist.world_size == 1:
+        return compiled, compiled, use_compile
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    device_ids = [torch.device(dist.device).index] if dist.device_type == "cuda" else None
+    return compiled, DDP(compiled, device_ids=device_ids), use_compile
+
+
 def setup(cfg: TrainConfig, dist: Dist) -> Run:
     """Check everything, build everything, resume if asked: the run, ready for its first step."""
     torch.manual_seed(cfg.seed)
     grad_accum = check_batch(cfg, dist.world_size)
     autocast_dtype = setup_precision(cfg.dtype, dist.device_type)
-    ckpt, ckpt_path = open_resume(cfg, dist.world_size)
-    raw_model = build_model(cfg, ckpt)
+    others = lambda what: TrainError(f"another rank could not {what} (see its error)")
+    ckpt, ckpt_path = on_every_rank(lambda: open_resume(cfg, dist.world_size), dist, others("read the checkpoint"))
+    raw_model = on_every_rank(lambda: build_model(cfg, ckpt), dist, others("build the model"))
     need_eval = cfg.eval_interval > 0
     train_loader, val_loader = open_data(cfg, dist, need_eval, raw_model.config.vocab_size)
-    hella = load_hellaswag(cfg, dist, raw_model.config.block_size) if need_eval and cfg.hellaswag else None
+    hella = on_every_rank(lambda: load_hellaswag(cfg, dist, raw_model.config.block_size),
+                          dist, others("load HellaSwag")) if need_eval and cfg.hellaswag else None
     raw_model.to(dist.device)
     optimizer = configure_optimizer(raw_model, cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), cfg.eps,
                                     dist.device_type)
-    use_compile = cfg.compile if cfg.compile is not None else dist.device_type == "cuda"
-    compiled = torch.compile(raw_model) if use_compile else raw_model
-    model = compiled
-    if dist.world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        model = DDP(compiled, device_ids=[torch.device(dist.device).index] if dist.device_type == "cuda" else None)
+    compiled, model, use_compile = wrap_model(raw_model, cfg, dist)
     run = Run(cfg, dist, raw_model, compiled, model, optimizer, train_loader, val_loader, hella, autocast_dtype,
               grad_accum, flops_per_token(raw_model, cfg.seq_len),
               peak_flops(dist.device, bf16=autocast_dtype == torch.bfloat16))
     if ckpt is not None:
         restore_run(run, ckpt)
         del ckpt  # every rank holds it in host memory: model + Adam state, 1.5 GB at 124M, 18 GB for gpt2-xl
-    run.metrics = Metrics(cfg, dist, run.start_step)
+    run.metrics = on_every_rank(lambda: Metrics(cfg, dist, run.start_step), dist, others("open its log"))
     if ckpt_path is not None:
         run.metrics.print(f"resuming from {ckpt_path} at step {run.start_step}")
     run.metrics.print(f"{raw_model.num_parameters():,} parameters | {dist.world_size} rank(s) on {dist.device} | "
                       f"grad accumulation {grad_accum} | {cfg.total_batch_size:,} tokens/step | compile {use_compile}"
                       f" | autocast {autocast_dtype or 'off'}")
     return run
-
 
 # -----------------------------------------------------------------------------
 # Evaluation: validation loss, HellaSwag and samples, every eval_interval steps and at the last
@@ -778,60 +804,19 @@ def evaluate(run: Run, step: int) -> None:
             texts = sample_text(run.raw_model, cfg.sample, seed=42 + dist.rank, device=dist.device)
     except Exception as e:  # every rank must hear of it, or the others would wait in the collective below
         error = e
-    failed = TrainError(f"step {step}: another rank failed in evaluation (see its error)")
-    val_loss, total, correct, correct_norm = all_reduce_or_raise(local, error, dist, failed).tolist()
-    run.val_loss = val_loss / dist.world_size  # Gloo has no AVG
+    total = all_reduce_or_raise(local, error, dist, TrainError(f"step {step}: another rank failed in evaluation "
+                                                               "(see its error)"))
+    run.val_loss = total[0].item() / dist.world_size  # Gloo has no AVG
     run.metrics.log(step, val=run.val_loss)
     if run.hella_examples is not None:
-        run.metrics.log(step, hella=correct_norm / total, note=f"{correct_norm:.0f}/{total:.0f} right")
+        res = hellaswag.results(total[1:])
+        run.metrics.log(step, hella=res["acc_norm"], note=f"{res['num_correct_norm']}/{res['num_total']} right")
     for i, text in enumerate(texts):
         print(f"rank {dist.rank} sample {i}: {text}", flush=True)
 
 
 # -----------------------------------------------------------------------------
 # The training step
-
-
-def train_step(run: Run, step: int, stop_requested: bool) -> dict:
-    """One optimizer step over grad_accum micro-batches. It waits for the device once, at the end, for the
-    loss, the gradient norm and whether any rank was asked to stop, all three in one tensor."""
-    cfg, dist, device = run.cfg, run.dist, run.dist.device
-    t0 = time.perf_counter()
-    run.optimizer.zero_grad(set_to_none=True)
-    loss_accum = torch.zeros((), device=device)
-    for micro_step in range(run.grad_accum):
-        x, y = (to_device(t, device) for t in run.train_loader.next_batch())
-        # DDP all-reduces gradients only on the last micro-step; the others accumulate locally
-        sync = dist.world_size == 1 or micro_step == run.grad_accum - 1
-        with nullcontext() if sync else run.model.no_sync():
-            with run.autocast():
-                loss = run.model(x, y, loss_chunk=cfg.loss_chunk)[1]  # the (B, T, vocab) logits are not kept
-            loss = loss / run.grad_accum  # the mean over the whole batch, not a sum of means
-            loss_accum += loss.detach()
-            loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-    lr = get_lr(step, cfg.max_lr, cfg.max_lr * cfg.min_lr_ratio, cfg.warmup_steps, cfg.max_steps)
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr
-    # the loss and the stop requests summed over ranks: every rank logs the same loss and stops at the same step
-    stats = torch.stack([loss_accum.float(), torch.full((), float(stop_requested), device=device), norm.float()])
-    all_reduce_sum(stats[:2])
-    run.optimizer.step()
-    loss_sum, stops, norm = stats.tolist()  # the step's one sync: queued after the update, it waits for all of it
-    dt = time.perf_counter() - t0
-    loss = loss_sum / dist.world_size
-    if not (math.isfinite(loss) and math.isfinite(norm)):  # raised before any checkpoint holds these weights
-        what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {norm}"
-        raise TrainingDiverged(f"{what} at step {step}: stopping; the last checkpoint "
-                               f"({latest_checkpoint(cfg.log_dir) or 'none'}) is untouched")
-    tokens_per_sec = cfg.total_batch_size / dt
-    mfu = tokens_per_sec * run.flops_per_token / run.peak_flops / dist.world_size if run.peak_flops else None
-    return {"loss": loss, "lr": lr, "norm": norm, "dt": dt, "tokens_per_sec": tokens_per_sec, "mfu": mfu,
-            "stop": stops > 0}
-
-
-# -----------------------------------------------------------------------------
-# The training loop
 
 
 class StopSignal:
@@ -863,21 +848,46 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
-def train(cfg: TrainConfig, on_step=None) -> dict:
-    """Run training; returns the history: every metric by step, the checkpoints written, the last step.
-    on_step(step, stats) is called after every optimizer step (tests, notebooks, the benchmark): stats
-    holds loss, lr, norm, dt (seconds), tokens_per_sec, mfu (None off a known GPU), model."""
-    dist = setup_distributed(cfg.device)
-    run = None
-    try:
-        run = setup(cfg, dist)
-        history = loop(run, on_step)
-        barrier()  # rank 0 may still be writing the checkpoint: Gloo aborts if a peer leaves mid-connection
-        return history
-    finally:
-        if run is not None and run.metrics is not None:
-            run.metrics.close()
-        teardown_distributed()
+def train_step(run: Run, step: int, stop: StopSignal) -> dict:
+    """One optimizer step over grad_accum micro-batches. It waits for the device once, at the end, for the
+    loss, the gradient norm and whether any rank was asked to stop, all three in one tensor."""
+    cfg, dist, device = run.cfg, run.dist, run.dist.device
+    t0 = time.perf_counter()
+    run.optimizer.zero_grad(set_to_none=True)
+    loss_accum = torch.zeros((), device=device)
+    for micro_step in range(run.grad_accum):
+        x, y = (to_device(t, device) for t in run.train_loader.next_batch())
+        # DDP all-reduces gradients only on the last micro-step; the others accumulate locally
+        sync = dist.world_size == 1 or micro_step == run.grad_accum - 1
+        with nullcontext() if sync else run.model.no_sync():
+            with run.autocast():
+                loss = run.model(x, y, loss_chunk=cfg.loss_chunk)[1]  # the (B, T, vocab) logits are not kept
+            loss = loss / run.grad_accum  # the mean over the whole batch, not a sum of means
+            loss_accum += loss.detach()
+            loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    lr = get_lr(step, cfg.max_lr, cfg.max_lr * cfg.min_lr_ratio, cfg.warmup_steps, cfg.max_steps)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    # the loss and the stop requests summed over ranks: every rank logs the same loss and stops at the same step
+    stats = torch.stack([loss_accum.float(), torch.full((), float(stop.requested), device=device), norm.float()])
+    all_reduce_sum(stats[:2])
+    run.optimizer.step()
+    loss_sum, stops, norm = stats.tolist()  # the step's one sync: queued after the update, it waits for all of it
+    dt = time.perf_counter() - t0
+    loss = loss_sum / dist.world_size
+    if not (math.isfinite(loss) and math.isfinite(norm)):  # raised before any checkpoint holds these weights
+        what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {norm}"
+        raise TrainingDiverged(f"{what} at step {step}: stopping; the last checkpoint "
+                               f"({latest_checkpoint(cfg.log_dir) or 'none'}) is untouched")
+    tokens_per_sec = cfg.total_batch_size / dt
+    mfu = tokens_per_sec * run.flops_per_token / run.peak_flops / dist.world_size if run.peak_flops else None
+    return {"loss": loss, "lr": lr, "norm": norm, "dt": dt, "tokens_per_sec": tokens_per_sec, "mfu": mfu,
+            "stop": stops > 0}
+
+
+# -----------------------------------------------------------------------------
+# The training loop
 
 
 def loop(run: Run, on_step=None) -> dict:
@@ -889,7 +899,7 @@ def loop(run: Run, on_step=None) -> dict:
             if cfg.eval_interval > 0 and (step % cfg.eval_interval == 0 or last_step):
                 evaluate(run, step)
 
-            stats = train_step(run, step, stop.requested)
+            stats = train_step(run, step, stop)
             metrics.log(step, train=stats["loss"], **{k: stats[k] for k in ("lr", "norm", "dt", "tokens_per_sec",
                                                                             "mfu")})
 
@@ -907,6 +917,25 @@ def loop(run: Run, on_step=None) -> dict:
                 break
     return {**metrics.history, "checkpoints": checkpoints, "step": step, "val_loss": run.val_loss}
 
+
+def train(cfg: TrainConfig, on_step=None) -> dict:
+    """Run training; returns the history: every metric by step, the checkpoints written, the last step.
+    on_step(step, stats) is called after every optimizer step (tests, notebooks, the benchmark): stats
+    holds loss, lr, norm, dt (seconds), tokens_per_sec, mfu (None off a known GPU), stop, model."""
+    dist = setup_distributed(cfg.device)
+    run, failed = None, True
+    try:
+        run = setup(cfg, dist)
+        history = loop(run, on_step)
+        barrier()  # rank 0 may still be writing the checkpoint: Gloo aborts if a peer leaves mid-connection
+        failed = False
+        return history
+    finally:
+        try:
+            if run is not None:
+                run.metrics.close(failed)
+        finally:
+            teardown_distributed()
 
 # -----------------------------------------------------------------------------
 # Command line: train (default), sample, export

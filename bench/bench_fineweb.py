@@ -47,8 +47,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import fineweb  # noqa: E402
-import gpt2  # noqa: E402
-from gpt2 import EOT_TOKEN, get_tokenizer  # noqa: E402
+from gpt2 import EOT_TOKEN, get_tokenizer, shard_name  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # Corpus: documents of 2-5 KB, each a random run of input.txt's paragraphs
@@ -153,10 +152,10 @@ def reference_style(corpus: Path, out: Path, shard_size: int, cache_dir: str):
                 buf[fill:fill + take] = tokens[pos:pos + take]
                 fill, pos = fill + take, pos + take
                 if fill == shard_size:
-                    np.save(out / gpt2.shard_name("ref", fineweb.split_of(index), index), buf)
+                    np.save(out / shard_name("ref", fineweb.split_of(index), index), buf)
                     fill, index = 0, index + 1
     if fill:
-        np.save(out / gpt2.shard_name("ref", fineweb.split_of(index), index), buf[:fill])
+        np.save(out / shard_name("ref", fineweb.split_of(index), index), buf[:fill])
 
 
 def peak_rss(cmd: list[str]) -> float:

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 import hellaswag as hs  # noqa: E402
 from bench.machine import device_name  # noqa: E402
-from gpt2 import GPT, GPTConfig, get_tokenizer, load_model, resolve_device  # noqa: E402
+from gpt2 import GPT, GPTConfig, get_tokenizer, load_model, resolve_device, setup_precision  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # Synthetic HellaSwag-shaped examples (random words: only the lengths matter for speed)
@@ -132,10 +132,8 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(resolve_device(args.device))
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
-    autocast_dtype = torch.bfloat16 if dtype == "bfloat16" else None
-    if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")
+    autocast_dtype = setup_precision(args.dtype, device.type)
+    dtype = "bfloat16" if autocast_dtype == torch.bfloat16 else "float32"
     print(f"device {device} ({device_name(device)}) | torch {torch.__version__} | dtype {dtype}")
 
     if args.model:

@@ -128,7 +128,7 @@ def test_training_holds_no_logits_during_backward(tmp_path, loss_chunk):
     run.raw_model.lm_head.register_forward_hook(lambda m, args, out: refs.append(weakref.ref(out)))
     for p in run.raw_model.parameters():  # the hooks fire during backward, as each gradient is computed
         p.register_hook(lambda g: alive.append(any(r() is not None for r in refs)))
-    tg.train_step(run, 0, False)
+    tg.train_step(run, 0, tg.StopSignal())
     if loss_chunk == "0":  # the chunked loss never calls lm_head
         assert len(refs) == run.grad_accum
     assert alive and not any(alive), "the (B, T, vocab) logits were alive during backward"
@@ -151,8 +151,16 @@ def test_one_host_sync_per_step(tmp_path, monkeypatch):
 
         monkeypatch.setattr(torch.Tensor, name, counted)
     for step in range(3):
-        tg.train_step(run, step, False)
+        tg.train_step(run, step, tg.StopSignal())
     assert reads == [("tolist", "train_step")] * 3
+    run.metrics.close()
+
+
+def test_a_stop_asked_for_during_a_step_stops_after_that_step(tmp_path):
+    run = tiny_run(tmp_path, write_shards(tmp_path / "shards"))
+    stop = tg.StopSignal()
+    run.raw_model.lm_head.weight.register_hook(lambda g: setattr(stop, "requested", True))  # SIGTERM in backward
+    assert tg.train_step(run, 0, stop)["stop"]
     run.metrics.close()
 
 
@@ -160,7 +168,7 @@ def test_a_non_finite_gradient_norm_stops_before_any_checkpoint(tmp_path):
     run = tiny_run(tmp_path, write_shards(tmp_path / "shards"))
     run.raw_model.transformer.h[0].mlp.c_fc.weight.register_hook(lambda g: g * float("inf"))
     with pytest.raises(tg.TrainingDiverged, match="gradient norm is (nan|inf) at step 0"):
-        tg.train_step(run, 0, False)
+        tg.train_step(run, 0, tg.StopSignal())
     run.metrics.close()
 
 
@@ -283,8 +291,8 @@ def read_wandb_run(run_dir: Path) -> tuple[dict, dict]:
         if kind == "history":
             items = {key(it): json.loads(it.value_json) for it in record.history.item}
             for k, v in items.items():
-                if not k.startswith("_"):
-                    history[k][int(items["_step"])] = v
+                if not k.startswith("_") and k != "step":
+                    history[k][items["step"]] = v  # our step, the run's x axis
         elif kind in ("run", "config"):
             cfg = record.run.config if kind == "run" else record.config
             config.update({key(it): json.loads(it.value_json) for it in cfg.update})
@@ -324,7 +332,7 @@ def test_wandb_offline_and_tensorboard_get_every_metric(tmp_path):
         assert history[name].keys() == by_step.keys() == scalars[name].keys(), name
         for step, value in by_step.items():
             assert history[name][step] == scalars[name][step]  # both trackers keep the exact value
-            assert f"{history[name][step]:{tg.METRICS[name][0]}}" == value, (name, step)  # log.txt's number
+            assert f"{history[name][step]:{tg.Metrics.FORMATS[name][0]}}" == value, (name, step)  # log.txt's number
     assert history["dt"].keys() == scalars["dt"].keys() == {0, 1, 2, 3}  # the console's dt goes to trackers
     assert config["max_steps"] == 4 and config["wandb"] == "gpt2-test" and config["sample"]["num_samples"] == 0
 
@@ -379,3 +387,26 @@ def test_help_text_is_each_fields_comment_however_it_is_spaced():
     assert gpt2.field_help(Spacing) == {"tight": "one space before the comment",
                                          "wide": "many spaces, and a '#' inside the string",
                                          "multi": "a field over two lines"}
+
+
+def test_resuming_a_model_without_run_state_is_an_error(tmp_path, capsys):
+    shards = write_shards(tmp_path / "shards")
+    model = gpt2.GPT(tg.parse_train_args(tiny_args(shards, tmp_path / "r")).model_config())
+    gpt2.save_checkpoint(tmp_path / "model_00007.pt", gpt2.model_entries(model))  # what --init-from takes
+    with pytest.raises(SystemExit) as e:
+        tg.main(tiny_args(shards, tmp_path / "r", "--resume", str(tmp_path / "model_00007.pt")))
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == (f"train_gpt2.py: error: --resume {tmp_path / 'model_00007.pt'}: a "
+                                               f"model without a run's state: start from it with --init-from "
+                                               f"{tmp_path / 'model_00007.pt'}")
+
+
+def test_samples_longer_than_the_model_are_an_error_before_step_0(gpt2_shards, tmp_path, capsys):
+    args = tiny_args(gpt2_shards, tmp_path / "r", "--vocab-size", "50304", "--num-samples", "1", "--prompt",
+                     "ROMEO:", "--max-new-tokens", "40")  # block size 32
+    with pytest.raises(SystemExit):
+        tg.main(args)
+    err = capsys.readouterr().err.strip()
+    assert err == ("train_gpt2.py: error: --prompt (3 tokens) + --max-new-tokens 40 exceed the model's block size "
+                   "32: shorten one"), err
+    assert not (tmp_path / "r").exists()
