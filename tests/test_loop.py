@@ -410,3 +410,13 @@ def test_samples_longer_than_the_model_are_an_error_before_step_0(gpt2_shards, t
     assert err == ("train_gpt2.py: error: --prompt (3 tokens) + --max-new-tokens 40 exceed the model's block size "
                    "32: shorten one"), err
     assert not (tmp_path / "r").exists()
+
+
+def test_device_auto_is_decided_in_one_place(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert gpt2.resolve_device("auto") == "mps"
+    assert gpt2.resolve_device("auto", world_size=2) == "cpu"  # Gloo cannot reduce MPS tensors
+    assert gpt2.resolve_device("cuda:1") == "cuda:1"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert gpt2.resolve_device("auto", world_size=8) == "cuda"
