@@ -544,6 +544,16 @@ def peak_flops(device: str, bf16: bool = True) -> float | None:
     return peak if peak is None or bf16 else peak / 2
 
 
+def peak_memory(device: str) -> str:
+    """The run's peak memory: allocated on the GPU, or the process's peak resident set elsewhere."""
+    if device.startswith("cuda"):
+        return f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**30 if sys.platform == "darwin" else 2**20)
+    return f"peak memory {rss:.2f} GiB (resident)"
+
+
 def flops_per_token(model: GPT, T: int) -> int:
     """Training FLOPs per token, this project's MFU definition: 6N for the matmuls with the parameters
     (forward + backward; N all parameters, the tied embedding once, padded vocab included) + 6*L*C*T for
@@ -929,6 +939,7 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
     try:
         run = setup(cfg, dist)
         history = loop(run, on_step)
+        run.metrics.print(peak_memory(dist.device))
         barrier()  # rank 0 may still be writing the checkpoint: Gloo aborts if a peer leaves mid-connection
         failed = False
         return history

@@ -1,0 +1,31 @@
+"""bench/smoke.sh on the CPU, as CI runs it: every entry point end to end, tiny shapes, no network."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ["env", "train", "sample", "hellaswag", "export", "resume", "bench_train", "bench_hellaswag",
+          "bench_generate"]
+
+
+def test_smoke_script_runs_every_stage_on_the_cpu(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    env |= {"PYTHON": sys.executable, "SMOKE_DIR": str(tmp_path / "smoke"), "OMP_NUM_THREADS": "2"}
+    out = subprocess.run(["bash", "bench/smoke.sh", "cpu"], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=600)
+    text = out.stdout
+    assert out.returncode == 0, text[-4000:] + out.stderr[-2000:]
+    assert [m[0] for m in re.findall(r"^== (\w+): (ok|FAILED)", text, re.M)] == STAGES, text[-4000:]
+    assert text.rstrip().endswith("smoke: all stages ok on cpu")
+    # what the stages measured
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in text  # the kernel the training shapes take
+    assert re.search(r"^step 11/12 \(91\.7%\) \| HellaSwag acc_norm [\d.]+ \| \d+/24 right$", text, re.M)
+    assert re.search(r"^peak memory [\d.]+ GiB \(resident\)$", text, re.M)
+    assert "resuming from" in text and "at step 12" in text
+    assert re.search(r"^hellaswag val: 24 examples \| acc [\d.]+ \| acc_norm [\d.]+$", text, re.M)
+    assert (tmp_path / "smoke" / "hf" / "model.safetensors").is_file()
+    assert re.search(r"^\| 4 \| off \| 64 \| [\d.]+ \| [\d.]+x \|", text, re.M)  # the chunked loss, beside chunk 0
+    assert "same predictions: acc 100%, acc_norm 100%" in text and "same tokens both ways: yes" in text
