@@ -19,15 +19,15 @@ if [[ $DEVICE == cuda* ]]; then  # the default recipe's model and batch; a 12-st
     MODEL=() SEQ=1024  # GPT-2 124M: the defaults
     BATCH=(--micro-batch-size 64 --seq-len $SEQ --total-batch-size 524288)
     HELLA_EXAMPLES=10042 BENCH_B=64 BENCH_CHUNKS=0,8192 BENCH_COMPILE=on,off BENCH_STEPS=(--warmup 5 --steps 10)
-    GEN=(--max-new-tokens 256 --repeats 3) HELLA_BENCH=(-n 10042 --batched-only --repeats 3)
+    GEN=(--max-new-tokens 256 --repeats 3) HELLA_BENCH=(-m "$WORK/run/model_00011.pt" -n 10042 --batched-only)
 else  # tiny shapes, the same stages
     MODEL=(--n-layer 2 --n-head 2 --n-embd 64 --block-size 256) SEQ=64
     BATCH=(--micro-batch-size 4 --seq-len $SEQ --total-batch-size 512)
     HELLA_EXAMPLES=24 BENCH_B=4 BENCH_CHUNKS=0,64 BENCH_COMPILE=off BENCH_STEPS=(--warmup 1 --steps 3)
     GEN=(--max-new-tokens 16 --repeats 1) HELLA_BENCH=(-n 16 --repeats 1 --layers 1 --width 64)
 fi
-TINY_GEN=()
-[[ $DEVICE == cuda* ]] || TINY_GEN=(-m "$WORK/run/model_00011.pt")  # a random 124M would take minutes on a CPU
+GEN_MODEL=()  # bench_generate's own: a random GPT-2 124M
+[[ $DEVICE == cuda* ]] || GEN_MODEL=(-m "$WORK/run/model_00011.pt")  # the 124M would take minutes on a CPU
 
 FAILED=()
 stage() {  # stage NAME COMMAND...: runs it, keeps its output in $WORK/NAME.log, prints its lines that matter
@@ -106,8 +106,8 @@ stage resume $PY "${TRAIN[@]}" --max-steps 14 --resume
 # 4. the benchmarks
 stage bench_train $PY bench/bench_train.py "${MODEL[@]}" --seq-len "$SEQ" --device "$DEVICE" \
     --micro-batch-sizes "$BENCH_B" --compile "$BENCH_COMPILE" --loss-chunks "$BENCH_CHUNKS" "${BENCH_STEPS[@]}"
-stage bench_hellaswag $PY bench/bench_hellaswag.py -d "$DEVICE" "${HELLA_BENCH[@]}"
-stage bench_generate $PY bench/bench_generate.py --device "$DEVICE" "${TINY_GEN[@]}" "${GEN[@]}"
+stage bench_hellaswag $PY bench/bench_hellaswag.py -d "$DEVICE" "${HELLA_BENCH[@]}"  # GPU: the 124M checkpoint
+stage bench_generate $PY bench/bench_generate.py --device "$DEVICE" "${GEN_MODEL[@]}" "${GEN[@]}"
 
 if [ ${#FAILED[@]} -gt 0 ]; then echo "smoke: FAILED: ${FAILED[*]} (logs in $WORK)"; exit 1; fi
 echo "smoke: all stages ok on $DEVICE"
