@@ -7,13 +7,19 @@
 #     bash bench/smoke.sh              # the GPU where there is one, else the CPU
 #     bash bench/smoke.sh cpu          # force a device (cpu, cuda, cuda:1, mps)
 #     SMOKE_DIR=/tmp/smoke bash bench/smoke.sh   # keep the run folder (default: a temporary one, removed)
+#     SMOKE_STAGE_TIMEOUT=300                    # seconds a stage may take before it counts as failed
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 DEVICE=$($PY -c "import sys, gpt2; print(gpt2.resolve_device(sys.argv[1]))" "${1:-auto}") || exit 2
+if [[ ${1:-auto} == auto && $DEVICE != cuda* ]] && nvidia-smi -L 2>/dev/null | grep -q GPU; then
+    echo "smoke: nvidia-smi sees a GPU but this torch does not (a CPU build?): fix it, or run 'bash bench/smoke.sh cpu'"
+    exit 2
+fi
 WORK=${SMOKE_DIR:-$(mktemp -d -t gpt2_smoke.XXXXXX)}
 [ -n "${SMOKE_DIR:-}" ] || trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$WORK"
+rm -rf "$WORK/run" "$WORK/hf"  # a kept SMOKE_DIR's last run must not stand in for this one's
 
 if [[ $DEVICE == cuda* ]]; then  # the default recipe's model and batch; a 12-step run
     MODEL=() SEQ=1024  # GPT-2 124M: the defaults
@@ -34,16 +40,18 @@ stage() {  # stage NAME COMMAND...: runs it, keeps its output in $WORK/NAME.log,
     local name=$1; shift
     echo "== $name: $*"
     local t0=$SECONDS
-    "$@" > "$WORK/$name.log" 2>&1
+    timeout "${SMOKE_STAGE_TIMEOUT:-300}" "$@" > "$WORK/$name.log" 2>&1
     local rc=$?
-    grep -E "$KEEP" "$WORK/$name.log" | tail -n 25
+    grep -E "$KEEP" "$WORK/$name.log" | tail -n 60
     if [ $rc -eq 0 ]; then echo "== $name: ok ($((SECONDS - t0)) s)"; else
         tail -n 15 "$WORK/$name.log"; echo "== $name: FAILED with exit status $rc ($((SECONDS - t0)) s)"
         FAILED+=("$name")
     fi
 }
 # the lines worth showing from each stage's output
-KEEP='^(python|torch|device|sdpa|step |saved|peak|resuming|rank 0 sample|sample 0|hellaswag|wrote|\||same|cached|speed|repeat|batched|data |[0-9,]+ parameters|.*(Recompil|Graph break))'
+KEEP='^(python|torch|device|sdpa|compile|step |saved|peak|resuming|rank 0 sample 0|sample 0|hellaswag|wrote|\|'
+KEEP+='|same|speed|repeat|batched|data |model |[0-9]{4}-[0-9]{2}-[0-9]{2} \||[0-9,]+ parameters| *(un)?cached:)'
+KEEP+='|examples/s|Recompil|Graph break|guard fail|GLOBAL_STATE'
 
 # 1. versions, the device, which SDPA kernel the training shapes select
 stage env $PY - "$DEVICE" <<'EOF'
@@ -69,6 +77,8 @@ kernels = sorted({e.name[:80] for e in prof.events() if cuda and e.device_type.n
 print(f"sdpa at (B, nh, T, hs) = {(B, nh, T, hs)} {dtype}, causal: {', '.join(ops)}")
 for kernel in kernels:
     print(f"sdpa kernel: {kernel}")
+if cuda:  # fail here, not in the middle of training, where the compiler's toolchain is missing
+    print(f"compile: {torch.compile(lambda x: x * 2)(torch.ones(4, device=device)).sum().item() == 8}")
 EOF
 
 # synthetic data: GPT-2 token ids in fineweb.py's shards, HellaSwag examples in the real schema
@@ -91,8 +101,8 @@ EOF
 
 # 2. the default recipe through the real command line: compile, autocast, fused AdamW (CUDA), accumulation,
 #    in-loop validation + HellaSwag + samples, a checkpoint; recompiles and graph breaks logged
-TRAIN=(train_gpt2.py --data "$WORK/shards" --log-dir "$WORK/run" "${MODEL[@]}" "${BATCH[@]}" --device "$DEVICE"
-       --compile --eval-interval 6 --val-steps 2 --hellaswag-file "$WORK/hellaswag_val.jsonl" --num-samples 2
+TRAIN=(train_gpt2.py --data "$WORK/shards" --log-dir "$WORK/run" ${MODEL[@]+"${MODEL[@]}"} "${BATCH[@]}"
+       --device "$DEVICE" --compile --eval-interval 6 --val-steps 2 --hellaswag-file "$WORK/hellaswag_val.jsonl" --num-samples 2
        --checkpoint-interval 6 --warmup-steps 4)
 TORCH_LOGS=recompiles,graph_breaks stage train $PY "${TRAIN[@]}" --max-steps 12
 
@@ -101,13 +111,13 @@ CKPT="$WORK/run/model_00011.pt"
 stage sample $PY train_gpt2.py sample -m "$CKPT" --device "$DEVICE" --num-samples 2 --max-new-tokens 24
 stage hellaswag $PY hellaswag.py -m "$CKPT" -d "$DEVICE" --data-file "$WORK/hellaswag_val.jsonl"
 stage export $PY train_gpt2.py export "$CKPT" "$WORK/hf"
-stage resume $PY "${TRAIN[@]}" --max-steps 14 --resume
+stage resume $PY "${TRAIN[@]}" --max-steps 14 --resume --checkpoint-interval 0
 
 # 4. the benchmarks
-stage bench_train $PY bench/bench_train.py "${MODEL[@]}" --seq-len "$SEQ" --device "$DEVICE" \
+stage bench_train $PY bench/bench_train.py ${MODEL[@]+"${MODEL[@]}"} --seq-len "$SEQ" --device "$DEVICE" \
     --micro-batch-sizes "$BENCH_B" --compile "$BENCH_COMPILE" --loss-chunks "$BENCH_CHUNKS" "${BENCH_STEPS[@]}"
 stage bench_hellaswag $PY bench/bench_hellaswag.py -d "$DEVICE" "${HELLA_BENCH[@]}"  # GPU: the 124M checkpoint
-stage bench_generate $PY bench/bench_generate.py --device "$DEVICE" "${GEN_MODEL[@]}" "${GEN[@]}"
+stage bench_generate $PY bench/bench_generate.py --device "$DEVICE" ${GEN_MODEL[@]+"${GEN_MODEL[@]}"} "${GEN[@]}"
 
 if [ ${#FAILED[@]} -gt 0 ]; then echo "smoke: FAILED: ${FAILED[*]} (logs in $WORK)"; exit 1; fi
 echo "smoke: all stages ok on $DEVICE"
