@@ -102,8 +102,8 @@ EOF
 # 2. the default recipe through the real command line: compile, autocast, fused AdamW (CUDA), accumulation,
 #    in-loop validation + HellaSwag + samples, a checkpoint; recompiles and graph breaks logged
 TRAIN=(train_gpt2.py --data "$WORK/shards" --log-dir "$WORK/run" ${MODEL[@]+"${MODEL[@]}"} "${BATCH[@]}"
-       --device "$DEVICE" --compile --eval-interval 6 --val-steps 2 --hellaswag-file "$WORK/hellaswag_val.jsonl" --num-samples 2
-       --checkpoint-interval 6 --warmup-steps 4)
+       --device "$DEVICE" --compile --eval-interval 6 --val-steps 2 --hellaswag-file "$WORK/hellaswag_val.jsonl"
+       --num-samples 2 --checkpoint-interval 6 --warmup-steps 4)
 TORCH_LOGS=recompiles,graph_breaks stage train $PY "${TRAIN[@]}" --max-steps 12
 
 # 3. the checkpoint through every command that takes one, and a resumed run
