@@ -72,6 +72,7 @@ class TrainError(ValueError):
 class TrainingDiverged(RuntimeError):
     """A non-finite loss or gradient norm: the run stops, and its last checkpoint stays as it was."""
 
+
 # -----------------------------------------------------------------------------
 # Configuration: every field is a --kebab-case flag; its comment is the --help text.
 
@@ -167,6 +168,7 @@ def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
     values = {**PRESETS.get(args.get("preset"), {}), **args}
     sample = {f.name: values.pop(f.name) for f in dataclasses.fields(SampleConfig) if f.name in values}
     return TrainConfig(**values, sample=SampleConfig(**sample))
+
 
 # -----------------------------------------------------------------------------
 # Data: uint16 token shards (fineweb.py's format, and build-nanogpt's) or one .txt file.
@@ -363,6 +365,7 @@ def open_data(cfg: TrainConfig, dist: Dist, need_val: bool, vocab_size: int):
     val_loader = DataLoader(splits["val"], B, T, names=names["val"], **kw) if need_val else None
     return train_loader, val_loader
 
+
 # -----------------------------------------------------------------------------
 # Optimizer and learning-rate schedule
 
@@ -398,6 +401,7 @@ def get_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int, max_steps
     decay_ratio = (step - warmup_steps) / (max_steps - warmup_steps)
     coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # 1 -> 0
     return min_lr + coeff * (max_lr - min_lr)
+
 
 # -----------------------------------------------------------------------------
 # Metrics: the one place a number goes to the console, log.txt, the history train() returns, and the
@@ -562,6 +566,7 @@ def flops_per_token(model: GPT, T: int) -> int:
     c = model.config
     return 6 * model.num_parameters() + 6 * c.n_layer * c.n_embd * T
 
+
 # -----------------------------------------------------------------------------
 # The run: one plain record of everything the loop works with, made by setup()
 
@@ -589,6 +594,7 @@ class Run:
         if self.autocast_dtype is None:
             return nullcontext()
         return torch.autocast(self.dist.device_type, dtype=self.autocast_dtype)
+
 
 # -----------------------------------------------------------------------------
 # Checkpoints: the run's state, saved and restored side by side. A checkpoint is gpt2.model_entries (the
@@ -687,6 +693,7 @@ def open_resume(cfg: TrainConfig, world_size: int) -> tuple[dict | None, Path | 
                          f"{world_size}: resume with the same number of processes")
     return ckpt, path
 
+
 # -----------------------------------------------------------------------------
 # Set-up: every check before step 0, then the run. What each rank reads for itself (the checkpoint, the
 # model, HellaSwag, rank 0's log and trackers) goes through on_every_rank: a failure on one stops them all.
@@ -783,6 +790,7 @@ def setup(cfg: TrainConfig, dist: Dist) -> Run:
                       f"grad accumulation {grad_accum} | {cfg.total_batch_size:,} tokens/step | compile {use_compile}"
                       f" | autocast {autocast_dtype or 'off'}")
     return run
+
 
 # -----------------------------------------------------------------------------
 # Evaluation: validation loss, HellaSwag and samples, every eval_interval steps and at the last
@@ -949,6 +957,7 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
                 run.metrics.close(failed)
         finally:
             teardown_distributed()
+
 
 # -----------------------------------------------------------------------------
 # Command line: train (default), sample, export
