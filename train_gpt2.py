@@ -492,10 +492,14 @@ class Metrics:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if start_step == 0:
             self.path.write_text("")  # a fresh run starts a fresh log; a resumed one appends
-        if cfg.wandb:
-            self.trackers.append(WandbTracker(cfg, start_step))
-        if cfg.tensorboard:
-            self.trackers.append(TensorBoardTracker(cfg.log_dir, start_step))
+        try:
+            if cfg.tensorboard:
+                self.trackers.append(TensorBoardTracker(cfg.log_dir, start_step))
+            if cfg.wandb:
+                self.trackers.append(WandbTracker(cfg, start_step))
+        except BaseException:
+            self.close(failed=True)  # the ones already started
+            raise
 
     def print(self, text: str) -> None:
         if self.master:
@@ -948,7 +952,7 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
         run = setup(cfg, dist)
         history = loop(run, on_step)
         run.metrics.print(peak_memory(dist.device))
-        barrier()  # rank 0 may still be writing the checkpoint: Gloo aborts if a peer leaves mid-connection
+        barrier()  # the ranks leave together: Gloo aborts if a peer leaves mid-connection
         failed = False
         return history
     finally:
@@ -997,11 +1001,11 @@ def main(argv: list[str] | None = None) -> None:
             commands[argv[0]](argv[1:])
         else:
             train(parse_train_args(argv))
-    except (TrainError, TokenizerError, FileNotFoundError, ValueError) as e:
-        print(f"train_gpt2.py: error: {e}", file=sys.stderr)
+    except (TrainError, TokenizerError, OSError, ValueError) as e:  # OSError: a full disk, a --log-dir that is a file
+        print(f"train_gpt2.py: error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
     except TrainingDiverged as e:
-        print(f"train_gpt2.py: error: {e}", file=sys.stderr)
+        print(f"train_gpt2.py: error: {one_line(e)}", file=sys.stderr)
         sys.exit(1)
 
 

@@ -420,3 +420,12 @@ def test_device_auto_is_decided_in_one_place(monkeypatch):
     assert gpt2.resolve_device("cuda:1") == "cuda:1"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert gpt2.resolve_device("auto", world_size=8) == "cuda"
+
+
+def test_a_log_dir_that_is_a_file_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "r").write_text("not a folder")
+    with pytest.raises(SystemExit) as e:
+        tg.main(tiny_args(write_shards(tmp_path / "shards"), tmp_path / "r"))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("train_gpt2.py: error: ") and "\n" not in err and str(tmp_path / "r") in err, err
