@@ -94,6 +94,23 @@ def get_tokenizer():
                              special_tokens={"<|endoftext|>": EOT_TOKEN}, explicit_n_vocab=GPT2_VOCAB_SIZE)
 
 
+def hf_tokenizer_files(model_max_length: int) -> dict[str, str]:
+    """GPT-2's tokenizer as Hugging Face's files (tokenizer.json, tokenizer_config.json), made from the same
+    offline BPE files: a folder we export then loads with AutoTokenizer (and pipelines) without the Hub."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    vocab = json.loads(_read_bpe_file("encoder.json"))
+    merges = [tuple(line.split()) for line in _read_bpe_file("vocab.bpe").decode("utf-8").split("\n")[1:-1]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's split and byte alphabet
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.add_special_tokens([AddedToken("<|endoftext|>", special=True)])  # id 50256, as in encoder.json
+    config = {"tokenizer_class": "GPT2Tokenizer", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+              "unk_token": "<|endoftext|>", "model_max_length": model_max_length, "add_prefix_space": False}
+    return {"tokenizer.json": tok.to_str(), "tokenizer_config.json": json.dumps(config, indent=1)}
+
+
 # -----------------------------------------------------------------------------
 # Files: everything we write (checkpoints, exports, downloads, caches) appears whole or not at all
 
@@ -641,7 +658,8 @@ class GPT(nn.Module):
         return GPT2_VOCAB_SIZE if self.config.vocab_size >= GPT2_VOCAB_SIZE else self.config.vocab_size
 
     def save_pretrained(self, out_dir, vocab_size: int | None = None) -> None:
-        """Write config.json + model.safetensors that `GPT2LMHeadModel.from_pretrained(out_dir)` loads."""
+        """Write config.json + model.safetensors that `GPT2LMHeadModel.from_pretrained(out_dir)` loads, and
+        GPT-2's tokenizer files when the model uses GPT-2's tokens (AutoTokenizer loads them offline)."""
         from safetensors.torch import save_file
         from transformers import GPT2Config
 
@@ -658,6 +676,10 @@ class GPT(nn.Module):
             save_file(self.to_hf_state_dict(vocab_size), str(tmp), metadata={"format": "pt"})
         with atomic_write(out_dir / "config.json") as tmp:
             tmp.write_text(hf_config.to_json_string())
+        if vocab_size == GPT2_VOCAB_SIZE:
+            for name, text in hf_tokenizer_files(cfg.block_size).items():
+                with atomic_write(out_dir / name) as tmp:
+                    tmp.write_text(text)
 
     # -- Sampling ---------------------------------------------------------------------------
 

@@ -44,7 +44,8 @@ def test_export_command_writes_a_folder_transformers_loads(checkpoint, tmp_path,
     model, path = checkpoint
     out = tmp_path / "hf"
     tg.main(["export", str(path), str(out)])
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json",
+                                                     "tokenizer_config.json"]
     hf = GPT2LMHeadModel.from_pretrained(out).eval()
     assert hf.config.vocab_size == 50257  # the padded rows are dropped
     idx = torch.randint(0, 50257, (2, 12))
@@ -59,3 +60,22 @@ def test_missing_checkpoint_is_one_line_error(tmp_path, capsys):
         tg.main(["sample", "-m", str(tmp_path / "model_00001.pt")])
     assert e.value.code == 2
     assert "model_00001.pt not found" in capsys.readouterr().err
+
+
+def test_exported_folder_has_gpt2s_tokenizer_offline(checkpoint, tmp_path):
+    from test_tokenizer import TRICKY
+    from transformers import AutoTokenizer, pipeline
+
+    model, path = checkpoint
+    tg.main(["export", str(path), str(tmp_path / "hf")])
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf")  # from the folder alone: no Hub here
+    enc = gpt2.get_tokenizer()
+    for text in [*TRICKY, "text <|endoftext|> more"]:
+        assert tok(text)["input_ids"] == enc.encode(text, allowed_special={"<|endoftext|>"}), repr(text)
+        assert tok.decode(enc.encode_ordinary(text)) == text
+    assert tok.eos_token_id == gpt2.EOT_TOKEN and tok.model_max_length == 64
+    # a transformers pipeline on the folder continues a prompt as our greedy decoding does
+    generate = pipeline("text-generation", model=str(tmp_path / "hf"), device="cpu")
+    theirs = generate("Hello", max_new_tokens=10, do_sample=False)[0]["generated_text"]
+    ours = gpt2.sample_text(model, gpt2.SampleConfig("Hello", num_samples=1, max_new_tokens=10, temperature=0))[0]
+    assert theirs == ours
