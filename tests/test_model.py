@@ -238,7 +238,9 @@ def test_save_pretrained_loads_in_hugging_face(tmp_path, config, perturb):
         perturb_(model)
     out = tmp_path / "export"
     model.save_pretrained(out)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]  # no temp files left
+    files = ["config.json", "model.safetensors"] + (["tokenizer.json", "tokenizer_config.json"]
+                                                   if config.vocab_size == 50257 else [])  # GPT-2's tokens
+    assert sorted(p.name for p in out.iterdir()) == files  # no temp files left
 
     hf = GPT2LMHeadModel.from_pretrained(out).eval()
     assert hf.config.vocab_size == config.vocab_size
@@ -250,7 +252,7 @@ def test_save_pretrained_loads_in_hugging_face(tmp_path, config, perturb):
 
     # exporting again over the same folder replaces it cleanly
     model.save_pretrained(out)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == files
 
 
 def test_padded_vocab_round_trip(tmp_path):
