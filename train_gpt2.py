@@ -215,14 +215,10 @@ def tokenize_text_file(path: Path, dist: Dist) -> np.ndarray:
     """Tokens of a .txt file: rank 0 downloads (tiny Shakespeare only) and tokenizes once, every rank reads."""
     cache = rank_0_first(lambda: _prepare_text_file(path), dist,
                          TrainError(f"--data {path}: rank 0 could not prepare it (see its error above)"))
-    tokens = error = None
-    try:  # a node that does not see rank 0's files (no shared file system) fails here: all must hear of it
-        tokens = np.load(cache or _read_text_file(path)[1])  # the others hash the text to find the cache
-    except Exception as e:
-        error = e
-    all_reduce_or_raise(None, error, dist,
-                        TrainError(f"--data {path}: another rank could not read its tokens (see its error)"))
-    return tokens
+    # the others hash the text to find the cache; a node that does not see rank 0's files (no shared file
+    # system) fails here, and every rank must hear of it
+    return on_every_rank(lambda: np.load(cache or _read_text_file(path)[1]), dist,
+                         TrainError(f"--data {path}: another rank could not read its tokens (see its error)"))
 
 
 def find_shards(data_dir: Path, split: str) -> list[Path]:
@@ -349,17 +345,10 @@ def open_data(cfg: TrainConfig, dist: Dist, need_val: bool, vocab_size: int):
     else:
         splits = {"train": find_shards(data, "train"), "val": find_shards(data, "val") if need_val else []}
         names = {k: [str(p) for p in v] for k, v in splits.items()}
-    # each rank checks its share of the shards; one bad shard stops every rank
-    all_names = names["train"] + names["val"]
-    all_shards = splits["train"] + splits["val"]
-    error = None
-    for name, shard in list(zip(all_names, all_shards))[dist.rank::dist.world_size]:
-        try:
-            check_tokens(name, shard_tokens(shard), vocab_size)
-        except Exception as e:  # a bad shard, or an unreadable one: every rank must stop
-            error = e
-            break
-    all_reduce_or_raise(None, error, dist, TrainError("another rank found a bad shard (see its error above)"))
+    # each rank checks its share of the shards; one bad (or unreadable) shard stops every rank
+    mine = list(zip(names["train"] + names["val"], splits["train"] + splits["val"]))[dist.rank::dist.world_size]
+    on_every_rank(lambda: [check_tokens(name, shard_tokens(shard), vocab_size) for name, shard in mine], dist,
+                  TrainError("another rank found a bad shard (see its error above)"))
     kw = dict(rank=dist.rank, world_size=dist.world_size, seed=cfg.seed)
     train_loader = DataLoader(splits["train"], B, T, shuffle=cfg.shuffle, names=names["train"], **kw)
     val_loader = DataLoader(splits["val"], B, T, names=names["val"], **kw) if need_val else None
