@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 # -----------------------------------------------------------------------------
 # Tokenizer: tiktoken's GPT-2 encoding, built offline from the BPE files that ship in the
@@ -259,19 +260,26 @@ def resolve_device(device: str = "auto", world_size: int = 1) -> str:
     return "cpu"
 
 
-DTYPES = ("auto", "bfloat16", "float32")  # --dtype's choices in every script
+DTYPES = ("auto", "bfloat16", "float16", "float32")  # --dtype's choices in every script
+AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}  # None: plain fp32
+
+
+def auto_dtype(device_type: str) -> str:
+    """--dtype auto: bfloat16 on a GPU that has it (Ampere and later), float16 on older ones (V100, T4, RTX 20xx:
+    training then scales the loss), float32 elsewhere (CPU autocast is slower than fp32 on most CPUs)."""
+    if device_type != "cuda":
+        return "float32"
+    return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
 
 
 def setup_precision(dtype: str, device_type: str) -> torch.dtype | None:
-    """--dtype -> the autocast dtype, or None for plain fp32. auto: bfloat16 on CUDA, float32 elsewhere.
+    """--dtype -> the autocast dtype, or None for plain fp32 (auto: see auto_dtype).
     On CUDA, fp32 matmuls use TF32 either way, as the reference's."""
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
     if device_type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls
-    if dtype == "auto":
-        dtype = "bfloat16" if device_type == "cuda" else "float32"
-    return torch.bfloat16 if dtype == "bfloat16" else None
+    return AUTOCAST_DTYPES[auto_dtype(device_type) if dtype == "auto" else dtype]
 
 
 # NCCL's default is 10 minutes: too short for rank 0 tokenizing a big .txt or saving a large checkpoint
@@ -548,6 +556,9 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying, as in GPT-2
         self.apply(self._init_weights)
+        # training's memory lever (--activation-checkpointing): a block's activations are not kept for the
+        # backward pass but computed again there, about a third more compute for a fraction of the memory
+        self.activation_checkpointing = False
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -579,7 +590,11 @@ class GPT(nn.Module):
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, kv_cache, i)
+            if self.activation_checkpointing and kv_cache is None and torch.is_grad_enabled():
+                # keep only the block's input; backward runs the block again for the rest
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x, kv_cache, i)
         if kv_cache is not None:
             kv_cache.pos += T
         x = self.transformer.ln_f(x)
@@ -771,10 +786,11 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     return ckpt
 
 
-def model_entries(model: GPT) -> dict:
-    """The model's part of a checkpoint: its weights (no `_orig_mod.` prefix: pass the unwrapped model)
-    and its shape."""
-    return {"model": model.state_dict(), "config": dataclasses.asdict(model.config)}
+def model_entries(model: GPT, state_dict: dict | None = None) -> dict:
+    """The model's part of a checkpoint: its weights (no `_orig_mod.` prefix: pass the unwrapped model;
+    or its state_dict, already gathered from shards) and its shape."""
+    state_dict = model.state_dict() if state_dict is None else state_dict
+    return {"model": state_dict, "config": dataclasses.asdict(model.config)}
 
 
 def model_from_checkpoint(ckpt: dict) -> GPT:

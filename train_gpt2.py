@@ -22,7 +22,7 @@ import re
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,7 +119,9 @@ class TrainConfig:
     tensorboard: bool = False  # also write TensorBoard event files into --log-dir (pip install tensorboard)
     # system
     device: str = "auto"  # auto (cuda:LOCAL_RANK, mps or cpu), or cpu, cuda, mps, cuda:1 (one process only)
-    dtype: str = "auto"  # autocast: bfloat16 or float32; auto is bfloat16 on CUDA, float32 elsewhere
+    dtype: str = "auto"  # autocast: bfloat16, float16 (scaled loss), float32; auto: bf16 on CUDA (or fp16), else fp32
+    shard: str = "ddp"  # ddp: every rank holds all weights, gradients, AdamW state; fsdp: each 1/N of them (FSDP2)
+    activation_checkpointing: bool = False  # recompute blocks' activations in backward: less memory, ~1/3 more compute
     compile: bool | None = None  # torch.compile the training step (default: on CUDA only)
     loss_chunk: int = 0  # >0: output layer + loss this many tokens at a time, never all the logits at once (memory)
     seed: int = 1337  # model init and --shuffle
@@ -129,6 +131,8 @@ class TrainConfig:
         """The model a scratch run builds (--init-from scratch)."""
         return GPTConfig(self.block_size, self.vocab_size, self.n_layer, self.n_head, self.n_embd)
 
+
+SHARDS = ("ddp", "fsdp")  # --shard's choices
 
 PRESETS = {
     # the quick start, ~2 minutes on a 2-core laptop CPU. Each token costs about the same whatever the width,
@@ -158,6 +162,7 @@ def build_train_parser() -> argparse.ArgumentParser:
     add_dataclass_flags(p, TrainConfig, unset_is_absent=True, extra={
         "resume": dict(nargs="?", const="latest", metavar="CHECKPOINT"),
         "preset": dict(choices=sorted(PRESETS)),
+        "shard": dict(choices=SHARDS),
         **SAMPLE_FLAG_ALIASES,
     })
     return p
@@ -393,6 +398,86 @@ def get_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int, max_steps
 
 
 # -----------------------------------------------------------------------------
+# Sharding (--shard fsdp): FSDP2 splits every parameter, its gradient and its AdamW state over the ranks.
+# Each block is one unit: its weights are all-gathered just before its forward (and again for its backward)
+# and freed after, its gradients reduce-scattered as soon as they are complete. The root unit holds the
+# embeddings, the tied lm_head and ln_f. Checkpoints stay whole (gathered to rank 0), in the same format as
+# under DDP, so a run can change from one to the other on resume.
+
+
+def shard_model(model: GPT, dist: Dist, autocast_dtype: torch.dtype | None) -> None:
+    """fully_shard each block, then the root (in place). The weights are all-gathered in the autocast dtype
+    (half the traffic of fp32); the fp32 master weights stay sharded and gradients are reduced in fp32."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(dist.device_type, (dist.world_size,))
+    policy = MixedPrecisionPolicy(param_dtype=autocast_dtype, reduce_dtype=torch.float32)
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    # the root's weights are needed again at once by the backward pass: kept gathered after the forward
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """A sharded tensor (DTensor) gathered whole on every rank, which must all call this, in the same order."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def whole_state(state: dict, keep: bool) -> dict:
+    """A state dict (the model's, or the optimizer's nested one) with every tensor gathered whole, one at a
+    time: on the CPU where keep (rank 0, for the checkpoint), dropped at once elsewhere (None)."""
+    out = {}
+    for k, v in state.items():
+        if isinstance(v, dict):
+            v = whole_state(v, keep)
+        elif isinstance(v, torch.Tensor):
+            v = whole(v)  # every rank takes part in the gather
+            v = v.cpu() if keep else None
+        out[k] = v
+    return out
+
+
+def shard_optimizer_state(state: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """A whole optimizer state (a checkpoint's) cut into this rank's shards of the sharded parameters."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # state_dict's numbering
+    shard = lambda v, p: distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None) \
+        if isinstance(p, DTensor) and v.shape == p.shape else v  # src None: each rank cuts its own piece
+    return {**state, "state": {i: {k: shard(v, params[i]) for k, v in s.items()} for i, s in state["state"].items()}}
+
+
+@contextmanager
+def gathered(model: nn.Module):
+    """Under FSDP, every weight gathered on every rank for the duration, and no collective in the forward
+    passes: each rank may then run forwards of its own (HellaSwag's uneven shares, sampling), where a sharded
+    forward would wait for the other ranks' all-gathers. Costs one whole copy of the weights in the autocast
+    dtype while it lasts. Nothing to do under DDP."""
+    if not is_sharded(model):
+        yield
+        return
+    units = [m for m in model.modules() if is_sharded(m)]
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(unit is not model, recurse=False)  # as shard_model set them
+
+
+# -----------------------------------------------------------------------------
 # Metrics: the one place a number goes to the console, log.txt, the history train() returns, and the
 # trackers (Weights & Biases, TensorBoard) when asked for. log.txt lines are `{step} {name} {value}`,
 # the reference's format, which play.ipynb reads.
@@ -468,6 +553,7 @@ class Metrics:
         "dt": (None, "dt {:.2f}ms"),  # seconds, shown in milliseconds
         "tokens_per_sec": (".1f", "tok/sec {:,.0f}"),
         "mfu": (".4f", "mfu {:.1%}"),
+        "skipped": ("g", "gradients overflowed float16: step skipped, loss scale now {:g}"),  # the new scale
     }
 
     def __init__(self, cfg: TrainConfig, dist: Dist, start_step: int):
@@ -541,14 +627,27 @@ def peak_flops(device: str, bf16: bool = True) -> float | None:
     return peak if peak is None or bf16 else peak / 2
 
 
-def peak_memory(device: str) -> str:
-    """The run's peak memory: allocated on the GPU, or the process's peak resident set elsewhere."""
+def peak_memory_gib(device: str) -> float:
+    """This process's peak memory: allocated on the GPU, or its peak resident set elsewhere."""
     if device.startswith("cuda"):
-        return f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
+        return torch.cuda.max_memory_allocated(device) / 2**30
     import resource
 
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**30 if sys.platform == "darwin" else 2**20)
-    return f"peak memory {rss:.2f} GiB (resident)"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+def peak_memory(dist: Dist) -> str:
+    """The run's peak memory, per rank when there are several (every rank calls this: it gathers them)."""
+    import torch.distributed as tdist
+
+    what = "peak GPU memory" if dist.device_type == "cuda" else "peak memory"
+    unit = "GiB" if dist.device_type == "cuda" else "GiB (resident)"
+    peaks = [peak_memory_gib(dist.device)]
+    if dist.world_size == 1:
+        return f"{what} {peaks[0]:.2f} {unit}"
+    peaks = peaks * dist.world_size
+    tdist.all_gather_object(peaks, peaks[0])
+    return f"{what} per rank {', '.join(f'{g:.2f}' for g in peaks)} {unit}"
 
 
 def flops_per_token(model: GPT, T: int) -> int:
@@ -568,10 +667,11 @@ def flops_per_token(model: GPT, T: int) -> int:
 class Run:
     cfg: TrainConfig
     dist: Dist
-    raw_model: GPT  # the weights, eager: HellaSwag and samples (their shapes vary), checkpoints
+    raw_model: GPT  # the weights, eager (sharded in place under fsdp): HellaSwag and samples, checkpoints
     compiled: nn.Module  # raw_model, compiled with --compile: validation (training's shapes, no recompiles)
-    model: nn.Module  # compiled, wrapped in DDP when there are several ranks: what training calls
+    model: nn.Module  # compiled, wrapped in DDP when there are several ranks (not under fsdp): what training calls
     optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None  # float16's loss scaling; None otherwise
     train_loader: DataLoader
     val_loader: DataLoader | None
     hella_examples: list[dict] | None
@@ -629,13 +729,19 @@ def _gather_rng_states(dist: Dist) -> list[dict]:
 
 
 def save_run(run: Run, step: int) -> Path | None:
-    """Every rank calls this (it gathers the ranks' RNG states); rank 0 writes the checkpoint and returns its
-    path. If the write fails (a full disk), every rank stops."""
+    """Every rank calls this (it gathers the ranks' RNG states, and under fsdp the weights and AdamW state);
+    rank 0 writes the checkpoint and returns its path. If the write fails (a full disk), every rank stops."""
     rng = _gather_rng_states(run.dist)
     path = checkpoint_path(run.cfg.log_dir, step)
-    state = lambda: {**model_entries(run.raw_model), "optimizer": run.optimizer.state_dict(), "step": step,
+    weights, optimizer = run.raw_model.state_dict(), run.optimizer.state_dict()
+    if is_sharded(run.raw_model):  # whole on rank 0: the same checkpoint as DDP's
+        del weights["lm_head.weight"]  # tied to wte: gathered once, and saved once as torch.save does for DDP
+        weights, optimizer = whole_state(weights, run.dist.master), whole_state(optimizer, run.dist.master)
+        weights["lm_head.weight"] = weights["transformer.wte.weight"]
+    state = lambda: {**model_entries(run.raw_model, weights), "optimizer": optimizer, "step": step,
                      "val_loss": run.val_loss, "loader": run.train_loader.state_dict(), "rng": rng,
-                     "args": dataclasses.asdict(run.cfg), "world_size": run.dist.world_size}
+                     "args": dataclasses.asdict(run.cfg), "world_size": run.dist.world_size,
+                     "scaler": run.scaler.state_dict() if run.scaler is not None else None}
     rank_0_first(lambda: save_checkpoint(path, state()), run.dist,
                  TrainError(f"rank 0 could not write {path} (see its error)"))
     return path if run.dist.master else None
@@ -643,7 +749,12 @@ def save_run(run: Run, step: int) -> Path | None:
 
 def restore_run(run: Run, ckpt: dict) -> None:
     """save_run's counterpart (the model was built from the checkpoint, and checked by open_resume)."""
-    load_optimizer_state(run.optimizer, ckpt["optimizer"])
+    optimizer = ckpt["optimizer"]
+    if is_sharded(run.raw_model):
+        optimizer = shard_optimizer_state(optimizer, run.optimizer)
+    load_optimizer_state(run.optimizer, optimizer)
+    if run.scaler is not None and ckpt.get("scaler"):  # the loss scale a float16 run had reached
+        run.scaler.load_state_dict(ckpt["scaler"])
     run.train_loader.load_state_dict(ckpt["loader"])
     run.start_step, run.val_loss = ckpt["step"] + 1, ckpt["val_loss"]
     rng = ckpt["rng"][run.dist.rank]  # one state per rank: the world size was checked
@@ -700,6 +811,9 @@ def check_batch(cfg: TrainConfig, world_size: int) -> int:
                          f"seq-len {T} x {world_size} ranks = {B * T * world_size}: change one of them")
     if cfg.loss_chunk < 0:
         raise TrainError(f"--loss-chunk {cfg.loss_chunk}: give a number of tokens, or 0 for one matmul")
+    if cfg.shard == "fsdp" and world_size == 1:
+        raise TrainError("--shard fsdp splits the model over ranks: launch with torchrun --nproc_per_node N "
+                         "(N >= 2), or use --shard ddp in one process")
     return cfg.total_batch_size // (B * T * world_size)
 
 
@@ -741,17 +855,33 @@ def load_hellaswag(cfg: TrainConfig, dist: Dist, block_size: int) -> list[dict]:
     return examples
 
 
-def wrap_model(raw_model: GPT, cfg: TrainConfig, dist: Dist) -> tuple[nn.Module, nn.Module, bool]:
-    """(compiled, model): raw_model compiled with --compile (default: on CUDA), then wrapped in DDP for
-    several ranks; and whether it was compiled."""
+def wrap_model(raw_model: GPT, cfg: TrainConfig, dist: Dist,
+               autocast_dtype: torch.dtype | None) -> tuple[nn.Module, nn.Module, bool]:
+    """(compiled, model): raw_model (sharded in place under fsdp) compiled with --compile (default: on
+    CUDA), then wrapped in DDP for several ranks under ddp; and whether it was compiled."""
+    raw_model.activation_checkpointing = cfg.activation_checkpointing
+    if cfg.shard == "fsdp":
+        shard_model(raw_model, dist, autocast_dtype)
     use_compile = cfg.compile if cfg.compile is not None else dist.device_type == "cuda"
     compiled = torch.compile(raw_model) if use_compile else raw_model
-    if dist.world_size == 1:
+    if dist.world_size == 1 or cfg.shard == "fsdp":
         return compiled, compiled, use_compile
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     device_ids = [torch.device(dist.device).index] if dist.device_type == "cuda" else None
     return compiled, DDP(compiled, device_ids=device_ids), use_compile
+
+
+def loss_scaler(autocast_dtype: torch.dtype | None, cfg: TrainConfig, dist: Dist) -> torch.amp.GradScaler | None:
+    """float16's gradient scaler: the loss is multiplied by a large power of two before backward, so that small
+    gradients do not underflow fp16; a step whose gradients overflow is skipped and the scale halved."""
+    if autocast_dtype != torch.float16:
+        return None
+    if cfg.shard == "fsdp":  # each rank sees a shard of the gradients: an overflow anywhere skips on every rank
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler(dist.device_type)
+    return torch.amp.GradScaler(dist.device_type)
 
 
 def setup(cfg: TrainConfig, dist: Dist) -> Run:
@@ -767,12 +897,12 @@ def setup(cfg: TrainConfig, dist: Dist) -> Run:
     hella = on_every_rank(lambda: load_hellaswag(cfg, dist, raw_model.config.block_size),
                           dist, others("load HellaSwag")) if need_eval and cfg.hellaswag else None
     raw_model.to(dist.device)
+    compiled, model, use_compile = wrap_model(raw_model, cfg, dist, autocast_dtype)
     optimizer = configure_optimizer(raw_model, cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), cfg.eps,
-                                    dist.device_type)
-    compiled, model, use_compile = wrap_model(raw_model, cfg, dist)
-    run = Run(cfg, dist, raw_model, compiled, model, optimizer, train_loader, val_loader, hella, autocast_dtype,
-              grad_accum, flops_per_token(raw_model, cfg.seq_len),
-              peak_flops(dist.device, bf16=autocast_dtype == torch.bfloat16))
+                                    dist.device_type)  # after sharding: it must hold the sharded parameters
+    run = Run(cfg, dist, raw_model, compiled, model, optimizer, loss_scaler(autocast_dtype, cfg, dist), train_loader,
+              val_loader, hella, autocast_dtype, grad_accum, flops_per_token(raw_model, cfg.seq_len),
+              peak_flops(dist.device, bf16=autocast_dtype is not None))  # fp32 matmuls: TF32
     if ckpt is not None:
         restore_run(run, ckpt)
         del ckpt  # every rank holds it in host memory: model + Adam state, 1.5 GB at 124M, 18 GB for gpt2-xl
@@ -780,8 +910,11 @@ def setup(cfg: TrainConfig, dist: Dist) -> Run:
     if ckpt_path is not None:
         run.metrics.print(f"resuming from {ckpt_path} at step {run.start_step}")
     run.metrics.print(f"{raw_model.num_parameters():,} parameters | {dist.world_size} rank(s) on {dist.device} | "
-                      f"grad accumulation {grad_accum} | {cfg.total_batch_size:,} tokens/step | compile {use_compile}"
-                      f" | autocast {autocast_dtype or 'off'}")
+                      f"{cfg.shard} | grad accumulation {grad_accum} | {cfg.total_batch_size:,} tokens/step | compile "
+                      f"{use_compile} | autocast {autocast_dtype or 'off'}{' with loss scaling' if run.scaler else ''}"
+                      f"{' | activation checkpointing' if cfg.activation_checkpointing else ''}")
+    if cfg.dtype == "auto" and autocast_dtype == torch.float16:
+        run.metrics.print("--dtype auto: this GPU has no bfloat16, so float16 autocast with loss scaling")
     return run
 
 
@@ -809,12 +942,13 @@ def evaluate(run: Run, step: int) -> None:
     cfg, dist = run.cfg, run.dist
     local, texts, error = torch.zeros(4, device=dist.device), [], None  # val loss, HellaSwag counts (3)
     try:
-        local[0] = validation_loss(run)
-        if run.hella_examples is not None:
-            local[1:] = hellaswag.count_correct(run.raw_model, run.hella_examples, dist.device, rank=dist.rank,
-                                                world_size=dist.world_size, autocast_dtype=run.autocast_dtype)
-        if cfg.sample.num_samples > 0:
-            texts = sample_text(run.raw_model, cfg.sample, seed=42 + dist.rank, device=dist.device)
+        with gathered(run.raw_model):  # under fsdp: each rank's forwards are its own, no collective inside
+            local[0] = validation_loss(run)
+            if run.hella_examples is not None:
+                local[1:] = hellaswag.count_correct(run.raw_model, run.hella_examples, dist.device, rank=dist.rank,
+                                                    world_size=dist.world_size, autocast_dtype=run.autocast_dtype)
+            if cfg.sample.num_samples > 0:
+                texts = sample_text(run.raw_model, cfg.sample, seed=42 + dist.rank, device=dist.device)
     except Exception as e:  # every rank must hear of it, or the others would wait in the collective below
         error = e
     total = all_reduce_or_raise(local, error, dist, TrainError(f"step {step}: another rank failed in evaluation "
@@ -861,42 +995,70 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
-def train_step(run: Run, step: int, stop: StopSignal) -> dict:
-    """One optimizer step over grad_accum micro-batches. It waits for the device once, at the end, for the
-    loss, the gradient norm and whether any rank was asked to stop, all three in one tensor."""
-    cfg, dist, device = run.cfg, run.dist, run.dist.device
-    t0 = time.perf_counter()
-    run.optimizer.zero_grad(set_to_none=True)
+def grad_sync(run: Run, sync: bool):
+    """Gradient accumulation: the ranks reduce gradients on the last micro-step only (sync); before it each
+    rank adds them up locally: DDP's no_sync(), FSDP's requires_gradient_sync (whole gradients meanwhile)."""
+    if is_sharded(run.raw_model):
+        run.raw_model.set_requires_gradient_sync(sync)
+        return nullcontext()
+    return nullcontext() if sync or run.dist.world_size == 1 else run.model.no_sync()
+
+
+def backward(run: Run, step: int, stop: StopSignal) -> torch.Tensor:
+    """Forward and backward over grad_accum micro-batches; the gradients and, on the device, [the mean loss,
+    the stop request, the gradient norm] (clipped after, and unscaled first under float16)."""
+    cfg, device = run.cfg, run.dist.device
     loss_accum = torch.zeros((), device=device)
     for micro_step in range(run.grad_accum):
         x, y = (to_device(t, device) for t in run.train_loader.next_batch())
-        # DDP all-reduces gradients only on the last micro-step; the others accumulate locally
-        sync = dist.world_size == 1 or micro_step == run.grad_accum - 1
-        with nullcontext() if sync else run.model.no_sync():
+        with grad_sync(run, sync=micro_step == run.grad_accum - 1):
             with run.autocast():
                 loss = run.model(x, y, loss_chunk=cfg.loss_chunk)[1]  # the (B, T, vocab) logits are not kept
             loss = loss / run.grad_accum  # the mean over the whole batch, not a sum of means
             loss_accum += loss.detach()
-            loss.backward()
+            (run.scaler.scale(loss) if run.scaler is not None else loss).backward()
+    if run.scaler is not None:
+        run.scaler.unscale_(run.optimizer)  # the true gradients, for the norm and its clipping
     norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    norm = whole(norm)  # under fsdp, the norm over every rank's shard
+    return torch.stack([loss_accum.float(), torch.full((), float(stop.requested), device=device), norm.float()])
+
+
+def optimizer_step(run: Run) -> None:
+    if run.scaler is None:
+        run.optimizer.step()
+        return
+    run.scaler.step(run.optimizer)  # skipped if any gradient overflowed (inf / nan)
+    run.scaler.update()  # halves the scale after an overflow, doubles it after 2000 clean steps
+
+
+def train_step(run: Run, step: int, stop: StopSignal) -> dict:
+    """One optimizer step over grad_accum micro-batches. It waits for the device once, at the end, for the
+    loss, the gradient norm and whether any rank was asked to stop, all three in one tensor."""
+    cfg, dist = run.cfg, run.dist
+    t0 = time.perf_counter()
+    run.optimizer.zero_grad(set_to_none=True)
+    stats = backward(run, step, stop)
     lr = get_lr(step, cfg.max_lr, cfg.max_lr * cfg.min_lr_ratio, cfg.warmup_steps, cfg.max_steps)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     # the loss and the stop requests summed over ranks: every rank logs the same loss and stops at the same step
-    stats = torch.stack([loss_accum.float(), torch.full((), float(stop.requested), device=device), norm.float()])
     all_reduce_sum(stats[:2])
-    run.optimizer.step()
+    optimizer_step(run)
     loss_sum, stops, norm = stats.tolist()  # the step's one sync: queued after the update, it waits for all of it
     dt = time.perf_counter() - t0
     loss = loss_sum / dist.world_size
-    if not (math.isfinite(loss) and math.isfinite(norm)):  # raised before any checkpoint holds these weights
+    # float16: gradients that overflow were not applied (the scaler skipped the step); anything else non-finite
+    # means the weights are lost, and stops the run before any checkpoint holds them
+    skipped = run.scaler.get_scale() if run.scaler is not None and not math.isfinite(norm) else None
+    if not (math.isfinite(loss) and (math.isfinite(norm) or (skipped or 0) >= 1)):  # < 1: fp16 overflows unscaled
         what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {norm}"
         raise TrainingDiverged(f"{what} at step {step}: stopping; the last checkpoint "
                                f"({latest_checkpoint(cfg.log_dir) or 'none'}) is untouched")
     tokens_per_sec = cfg.total_batch_size / dt
     mfu = tokens_per_sec * run.flops_per_token / run.peak_flops / dist.world_size if run.peak_flops else None
     return {"loss": loss, "lr": lr, "norm": norm, "dt": dt, "tokens_per_sec": tokens_per_sec, "mfu": mfu,
-            "stop": stops > 0}
+            "stop": stops > 0, "skipped": skipped}
 
 
 # -----------------------------------------------------------------------------
@@ -914,7 +1076,7 @@ def loop(run: Run, on_step=None) -> dict:
 
             stats = train_step(run, step, stop)
             metrics.log(step, train=stats["loss"], **{k: stats[k] for k in ("lr", "norm", "dt", "tokens_per_sec",
-                                                                            "mfu")})
+                                                                            "mfu", "skipped")})
 
             stopping = stats["stop"] or step == cfg.stop_after_step
             periodic = cfg.checkpoint_interval > 0 and step > 0 and step % cfg.checkpoint_interval == 0
@@ -940,7 +1102,7 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
     try:
         run = setup(cfg, dist)
         history = loop(run, on_step)
-        run.metrics.print(peak_memory(dist.device))
+        run.metrics.print(peak_memory(dist))
         barrier()  # the ranks leave together: Gloo aborts if a peer leaves mid-connection
         failed = False
         return history
