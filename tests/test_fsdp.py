@@ -15,8 +15,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_train import (HELLASWAG_FIXTURE, REPO, assert_same_run, final_state, rank_log, run, tiny_args, torchrun,
-                        write_shards)
+from test_train import (
+    HELLASWAG_FIXTURE,
+    REPO,
+    assert_same_run,
+    final_state,
+    rank_log,
+    run,
+    tiny_args,
+    torchrun,
+    write_shards,
+)
 
 import gpt2
 import train_gpt2 as tg
