@@ -1,23 +1,30 @@
 """
-Training speed: ms/step, tokens/s, MFU and peak memory of train_gpt2.py's own training loop.
+Training speed and memory: ms/step, tokens/s, MFU and peak memory per rank of train_gpt2.py's own loop.
 
     python bench/bench_train.py                                      # GPT-2 124M, micro-batch 16/32/64 x compile on/off
     python bench/bench_train.py --data edu_fineweb10B --steps 50     # real shards instead of synthetic tokens
     python bench/bench_train.py --micro-batch-sizes 64 --compile on --loss-chunks 0,8192   # the chunked loss
+    python bench/bench_train.py --nproc 8 --shards ddp,fsdp --activation-checkpointing off,on --micro-batch-sizes 16 \\
+        --n-layer 48 --n-head 25 --n-embd 1600                 # GPT-2 XL's memory: sharding and recomputation
     python bench/bench_train.py --preset shakespeare --micro-batch-sizes 8 --compile off --loss-chunks 0,1024  # CPU
 
 Each configuration runs train_gpt2.train() itself (the code a real run executes: autocast, compile,
-fused AdamW, clipping, the loss all-reduce) for --warmup steps, which are not timed (compilation,
-allocator, cuDNN autotuning), and then --steps timed steps. It sweeps micro-batch, compile and
---loss-chunk; each loss chunk is compared with the one-matmul loss (0) of the same micro-batch and
-compile setting. A step is one micro-batch (no gradient accumulation), as in the reference's "ms per
-16x1024-token step". Timing and MFU come from the loop's own per-step numbers (it synchronizes the GPU
-before stopping the clock): the medians are printed. Each configuration runs in a fresh process; its
-peak memory is torch.cuda.max_memory_allocated on a GPU, the process's peak RSS on a CPU.
+fused AdamW, clipping, the loss all-reduce, FSDP) for --warmup steps, which are not timed (compilation,
+allocator, cuDNN autotuning), and then --steps timed steps. It sweeps micro-batch, compile, --loss-chunk,
+--shard, --activation-checkpointing and --dtype; each row's speed is compared with its baseline, the
+first configuration of the same micro-batch and compile setting (loss chunk 0 and the first shard,
+checkpointing and dtype listed), measured in the same run. A step is one micro-batch per rank (no
+gradient accumulation), as in the reference's "ms per 16x1024-token step". Timing and MFU come from the
+loop's own per-step numbers (it synchronizes the GPU before stopping the clock): the medians are printed.
 
-Flags it does not know go to train_gpt2.py (model size, --seq-len, --dtype, --device, ...). Without
---data the tokens are random (the speed of a step does not depend on them). The output is a markdown
-table with the GPU, torch version and date, to paste into BENCHMARKS.md.
+Each configuration runs in fresh processes: `python` for one rank, `torchrun --nproc_per_node N` for
+--nproc N (fsdp needs 2 or more). Peak memory per rank is torch.cuda.max_memory_allocated on a GPU and
+the process's peak resident set on a CPU, where glibc's mmap threshold is fixed (MALLOC_MMAP_THRESHOLD_)
+so that freed tensors leave the resident set instead of staying in the heap's cache.
+
+Flags it does not know go to train_gpt2.py (model size, --seq-len, --device, ...). Without --data the
+tokens are random (the speed of a step does not depend on them). The output is a markdown table with the
+device, torch version and date, to paste into BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -27,11 +34,12 @@ import contextlib
 import datetime
 import io
 import itertools
-import multiprocessing
+import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -108,55 +116,107 @@ def run_config(train_args: list[str], warmup: int, steps: int, cuda: bool) -> di
     return {"oom": False, "ms": 1000 * step_s, "tok_s": tok_s, "mfu": mfu, "peak_gib": peak}
 
 
+def worker(result: str, train_args: list[str], warmup: int, steps: int) -> None:
+    """One configuration, in this process (one of torchrun's ranks, or alone): its result as JSON in
+    result.RANK."""
+    cfg = tg.parse_train_args(train_args)
+    cuda = gpt2.resolve_device(cfg.device).startswith("cuda")
+    r = run_config(train_args, warmup, steps, cuda)
+    Path(f"{result}.{os.environ.get('RANK', '0')}").write_text(json.dumps(r))
+
+
+def launch(run_args: list[str], nproc: int, warmup: int, steps: int, folder: Path, cuda: bool) -> dict:
+    """Run one configuration in fresh processes; rank 0's timing, every rank's peak memory."""
+    result = folder / "result"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd = [*(torchrun if nproc > 1 else [sys.executable]), __file__, "--worker", str(result), "--warmup",
+           str(warmup), "--steps", str(steps), "--", *run_args]
+    env = dict(os.environ) if cuda else {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    ranks = [json.loads(p.read_text()) for p in sorted(folder.glob("result.*"), key=lambda p: int(p.suffix[1:]))]
+    if len(ranks) < nproc or out.returncode != 0 and not any(r["oom"] for r in ranks):
+        sys.stderr.write(out.stdout[-4000:] + out.stderr[-4000:])
+        raise SystemExit(f"bench_train.py: a configuration failed: {' '.join(run_args)}")
+    if any(r["oom"] for r in ranks):
+        return {"oom": True}
+    return {**ranks[0], "peaks": [r["peak_gib"] for r in ranks]}
+
+
+def sweep(args, train_flags: list[str]) -> list[tuple]:
+    """The configurations: (micro-batch, compile, loss chunk, shard, activation checkpointing, dtype)."""
+    split = lambda v: [c.strip() for c in v.split(",")]
+    batch_sizes = [int(b) for b in split(args.micro_batch_sizes)]
+    compile_modes, shards, acs, dtypes = (split(v) for v in (args.compile, args.shards, args.activation_checkpointing,
+                                                             args.dtypes))
+    loss_chunks = sorted({int(c) for c in split(args.loss_chunks)})  # 0 first: the baseline of the others
+    bad = [f"--compile {c}" for c in compile_modes + acs if c not in ("on", "off")]
+    bad += [f"--shards {s}" for s in shards if s not in tg.SHARDS] + [f"--dtypes {d}" for d in dtypes
+                                                                      if d not in gpt2.DTYPES]
+    if bad or min(batch_sizes) < 1 or min(loss_chunks) < 0 or args.steps < 1:
+        raise ValueError(f"{', '.join(bad) or 'a number'} not understood: --compile and --activation-checkpointing "
+                         "take on/off, --shards ddp/fsdp, --dtypes auto/bfloat16/float16/float32, --micro-batch-sizes "
+                         "positive integers, --loss-chunks integers >= 0, --steps at least 1")
+    if "fsdp" in shards and args.nproc < 2:
+        raise ValueError("--shards fsdp needs --nproc 2 or more (the model is split over the ranks)")
+    return list(itertools.product(batch_sizes, compile_modes, loss_chunks, shards, acs, dtypes))
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
-                                epilog="Other flags are train_gpt2.py's (e.g. --seq-len, --dtype, --n-layer).")
+                                epilog="Other flags are train_gpt2.py's (e.g. --seq-len, --n-layer, --device).")
     p.add_argument("--data", default="", help="a shard folder (default: random tokens in a temporary folder)")
     p.add_argument("--micro-batch-sizes", default="16,32,64", help="comma-separated sequences per step to sweep")
     p.add_argument("--compile", default="on,off", help="comma-separated: on, off or both")
     p.add_argument("--loss-chunks", default="0", help="comma-separated --loss-chunk values to sweep (0: one matmul)")
+    p.add_argument("--shards", default="ddp", help="comma-separated --shard values: ddp, fsdp (needs --nproc >= 2)")
+    p.add_argument("--activation-checkpointing", default="off", help="comma-separated: off, on or both")
+    p.add_argument("--dtypes", default="auto", help="comma-separated --dtype values (auto, bfloat16, float16, float32)")
+    p.add_argument("--nproc", type=int, default=1, help="ranks per configuration (torchrun on this machine)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, autotuning)")
     p.add_argument("--steps", type=int, default=20, help="timed steps; medians are reported")
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one configuration, write its result here
     args, train_flags = p.parse_known_args(argv)
-    batch_sizes = [int(b) for b in args.micro_batch_sizes.split(",")]
-    compile_modes = [c.strip() for c in args.compile.split(",")]
-    loss_chunks = sorted({int(c) for c in args.loss_chunks.split(",")})  # 0 first: the baseline of the others
-    if any(c not in ("on", "off") for c in compile_modes) or min(batch_sizes) < 1 or min(loss_chunks) < 0 \
-            or args.steps < 1:
-        p.error("--compile takes on/off, --micro-batch-sizes positive integers, --loss-chunks integers >= 0, "
-                "--steps at least 1")
+    train_flags = [f for f in train_flags if f != "--"]
+    if args.worker:
+        return worker(args.worker, train_flags, args.warmup, args.steps)
+    try:
+        configs = sweep(args, train_flags)
+    except ValueError as e:
+        p.error(str(e))
     base = tg.parse_train_args(train_flags)  # the train flags, checked once up front
     T = base.seq_len
-    dist = gpt2.Dist(device=gpt2.resolve_device(base.device))
-    cuda = dist.device_type == "cuda"
+    device = gpt2.resolve_device(base.device, args.nproc)
+    cuda = device.startswith("cuda")
 
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         tmp = Path(tmp)
-        most = max(batch_sizes) * T * (args.warmup + args.steps + 2) + 1
+        most = max(c[0] for c in configs) * T * args.nproc * (args.warmup + args.steps + 2) + 1
         data = Path(args.data) if args.data else synthetic_shards(tmp / "data", most, min(base.vocab_size, 50257))
-        print(f"{datetime.date.today()} | {dist.device} ({device_name(dist.device)}) | torch {torch.__version__} | "
-              f"data {'random tokens' if not args.data else data} | T={T} | {args.warmup} warm-up + {args.steps} "
-              f"timed steps, one micro-batch each")
-        print("\n| micro-batch | compile | loss chunk | ms/step | speed vs chunk 0 | tokens/s | MFU | peak memory |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-        baseline = {}  # (B, compile) -> ms/step with one matmul, to compare each loss chunk with
-        for B, mode, chunk in itertools.product(batch_sizes, compile_modes, loss_chunks):
-            run_args = [*train_flags, "--data", str(data), "--log-dir", str(tmp / f"log_{B}_{mode}_{chunk}"),
-                        "--micro-batch-size", str(B), "--total-batch-size", str(B * T), "--loss-chunk", str(chunk),
-                        "--eval-interval", "0", "--no-hellaswag", "--num-samples", "0",
-                        "--compile" if mode == "on" else "--no-compile"]
-            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-                r = pool.submit(run_config, run_args, args.warmup, args.steps, cuda).result()
-            row = f"| {B} | {mode} | {chunk or '-'} | "
+        print(f"{datetime.date.today()} | {device} ({device_name(device)}) x {args.nproc} rank(s) | torch "
+              f"{torch.__version__} | data {'random tokens' if not args.data else data} | T={T} | {args.warmup} "
+              f"warm-up + {args.steps} timed steps, one micro-batch per rank each")
+        print("\n| micro-batch | compile | loss chunk | shard | act. ckpt | dtype | ms/step | speed vs baseline | "
+              "tokens/s | MFU | peak memory per rank |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        baseline = {}  # (B, compile) -> ms/step of its first configuration
+        for i, (B, mode, chunk, shard, ac, dtype) in enumerate(configs):
+            run_args = [*train_flags, "--data", str(data), "--log-dir", str(tmp / f"log_{i}"),
+                        "--micro-batch-size", str(B), "--total-batch-size", str(B * T * args.nproc),
+                        "--loss-chunk", str(chunk), "--shard", shard, "--dtype", dtype, "--eval-interval", "0",
+                        "--no-hellaswag", "--num-samples", "0", "--compile" if mode == "on" else "--no-compile",
+                        "--activation-checkpointing" if ac == "on" else "--no-activation-checkpointing"]
+            (tmp / f"result_{i}").mkdir()
+            r = launch(run_args, args.nproc, args.warmup, args.steps, tmp / f"result_{i}", cuda)
+            row = f"| {B} | {mode} | {chunk or '-'} | {shard} | {ac} | {dtype} | "
             if r["oom"]:
                 print(row + "out of memory | | | | |", flush=True)
                 continue
-            if chunk == 0:
-                baseline[B, mode] = r["ms"]
-            ratio = f"{baseline[B, mode] / r['ms']:.2f}x" if (B, mode) in baseline else "-"
+            baseline.setdefault((B, mode), r["ms"])
+            ratio = f"{baseline[B, mode] / r['ms']:.2f}x"
             mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
-            peak = f"{r['peak_gib']:.2f} GiB"
-            print(row + f"{r['ms']:.2f} | {ratio} | {r['tok_s']:,.0f} | {mfu} | {peak} |", flush=True)
+            peaks = ", ".join(f"{g:.2f}" for g in r["peaks"])
+            tok_s = r["tok_s"] * args.nproc
+            print(row + f"{r['ms']:.2f} | {ratio} | {tok_s:,.0f} | {mfu} | {peaks} GiB |", flush=True)
 
 
 if __name__ == "__main__":

@@ -113,7 +113,19 @@ stage hellaswag $PY hellaswag.py -m "$CKPT" -d "$DEVICE" --data-file "$WORK/hell
 stage export $PY train_gpt2.py export "$CKPT" "$WORK/hf"
 stage resume $PY "${TRAIN[@]}" --max-steps 14 --resume --checkpoint-interval 0
 
-# 4. the benchmarks
+# 4. the memory levers (compiled on a GPU): float16 with loss scaling and activation checkpointing in one
+#    process; FSDP over 2 ranks (Gloo on a CPU; on GPUs where there are 2)
+LEVERS=(train_gpt2.py --data "$WORK/shards" ${MODEL[@]+"${MODEL[@]}"} "${BATCH[@]}" --device "$DEVICE"
+        --eval-interval 0 --no-hellaswag --num-samples 0 --max-steps 4 --warmup-steps 2 --checkpoint-interval 0)
+stage float16_ac $PY "${LEVERS[@]}" --log-dir "$WORK/float16_ac" --dtype float16 --activation-checkpointing
+GPUS=$(nvidia-smi -L 2>/dev/null | grep -c GPU)
+if [[ $DEVICE != cuda* ]] || [ "$GPUS" -ge 2 ]; then
+    DEV=(); [[ $DEVICE == cuda* ]] && DEV=(--device auto)  # under torchrun each rank takes its own GPU
+    stage fsdp $PY -m torch.distributed.run --standalone --nproc_per_node 2 "${LEVERS[@]}" --log-dir "$WORK/fsdp" \
+        --shard fsdp --activation-checkpointing ${DEV[@]+"${DEV[@]}"}
+fi
+
+# 5. the benchmarks
 stage bench_train $PY bench/bench_train.py ${MODEL[@]+"${MODEL[@]}"} --seq-len "$SEQ" --device "$DEVICE" \
     --micro-batch-sizes "$BENCH_B" --compile "$BENCH_COMPILE" --loss-chunks "$BENCH_CHUNKS" "${BENCH_STEPS[@]}"
 stage bench_hellaswag $PY bench/bench_hellaswag.py -d "$DEVICE" "${HELLA_BENCH[@]}"  # GPU: the 124M checkpoint

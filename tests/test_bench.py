@@ -41,16 +41,37 @@ def test_bench_fineweb_small(tmp_path, capsys):
     assert "reference-style shards identical to fineweb.py's: True" in out, out
 
 
+TINY_TRAIN = ["--seq-len", "32", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32",
+              "--vocab-size", "512", "--device", "cpu"]
+ROW = (r"^\| (\d+) \| (on|off) \| (-|\d+) \| (ddp|fsdp) \| (on|off) \| (\w+) \| ([\d.]+) \| ([\d.]+)x \| ([\d,]+) \| - "
+       r"\| ([\d., ]+) GiB \|$")
+
+
 def test_bench_train_runs_the_training_loop(capsys):
-    tiny = ["--seq-len", "32", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32",
-            "--vocab-size", "512", "--device", "cpu"]
     bench_train.main(["--micro-batch-sizes", "3", "--compile", "off", "--loss-chunks", "16,0", "--warmup", "1",
-                      "--steps", "4", *tiny])  # 0 given last: still measured first, as the baseline
+                      "--steps", "4", *TINY_TRAIN])  # 0 given last: still measured first, as the baseline
     out = capsys.readouterr().out
-    row = r"^\| (\d+) \| off \| (-|16) \| ([\d.]+) \| ([\d.]+)x \| ([\d,]+) \| - \| ([\d.]+) GiB \|$"
-    rows = re.findall(row, out, re.M)
-    assert [(int(b), c) for b, c, *_ in rows] == [(3, "-"), (3, "16")], out
-    assert rows[0][3] == "1.00"  # the one-matmul row is the baseline
-    assert all(0.1 < float(r[5]) < 8 for r in rows)  # each configuration's own process: its peak RSS
-    for b, _, ms, _, tok_s, _ in rows:  # tokens/s = B*T / (median ms/1000), also for an even number of steps
-        assert int(tok_s.replace(",", "")) == pytest.approx(int(b) * 32 / (float(ms) / 1000), rel=0.01)
+    rows = re.findall(ROW, out, re.M)
+    assert [(int(r[0]), r[2]) for r in rows] == [(3, "-"), (3, "16")], out
+    assert rows[0][7] == "1.00"  # the one-matmul row is the baseline
+    assert all(0.1 < float(r[9]) < 8 for r in rows)  # each configuration's own process: its peak RSS
+    for r in rows:  # tokens/s = B*T / (median ms/1000), also for an even number of steps
+        assert int(r[8].replace(",", "")) == pytest.approx(int(r[0]) * 32 / (float(r[6]) / 1000), rel=0.01)
+
+
+def test_bench_train_sweeps_sharding_checkpointing_and_dtype_over_ranks(capsys):
+    bench_train.main(["--micro-batch-sizes", "2", "--compile", "off", "--shards", "ddp,fsdp",
+                      "--activation-checkpointing", "on", "--dtypes", "float16", "--nproc", "2", "--warmup", "1",
+                      "--steps", "2", *TINY_TRAIN])
+    out = capsys.readouterr().out
+    rows = re.findall(ROW, out, re.M)
+    assert [(r[3], r[4], r[5]) for r in rows] == [("ddp", "on", "float16"), ("fsdp", "on", "float16")], out
+    for r in rows:  # each rank's peak memory; tokens/s of both ranks together
+        assert len(r[9].split(", ")) == 2
+        assert int(r[8].replace(",", "")) == pytest.approx(2 * 2 * 32 / (float(r[6]) / 1000), rel=0.01)
+
+
+def test_bench_train_refuses_fsdp_on_one_rank(capsys):
+    with pytest.raises(SystemExit):
+        bench_train.main(["--shards", "fsdp", *TINY_TRAIN])
+    assert "--shards fsdp needs --nproc 2 or more" in capsys.readouterr().err
