@@ -1,0 +1,292 @@
+"""eval_suite.py: our GPT through lm-evaluation-harness equals the harness's own Hugging Face backend on our
+export of the same model (multiple choice, rolling perplexity, generation), 2 Gloo ranks equal one process,
+and the errors (unknown task, no dataset offline, requests longer than the block size). CPU, fp32, a tiny
+random GPT, and three small tasks in the harness's own YAML format over jsonl files written here."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("lm_eval")  # a dev requirement (requirements-dev.txt): training does not need it
+
+import eval_suite as es  # noqa: E402
+from gpt2 import GPT, GPTConfig, get_tokenizer, save_checkpoint  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TASKS = "toy_mc,toy_ppl,toy_gen"
+OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+# -----------------------------------------------------------------------------
+# Fixtures: a tiny GPT (padded vocab, as training saves it) as a .pt and as its HF export; three tasks
+
+MC_DOCS = [  # short and long contexts; one longer than the model's 64-token block (truncated from the left)
+    {"question": "The cat sat on the", "choices": ["mat.", "moon", "idea of it all", "dog"], "label": 0},
+    {"question": "Water boils at", "choices": ["100 degrees.", "noon", "the bank", "blue"], "label": 0},
+    {"question": "She opened the door and", "choices": ["walked in.", "flew", "ate the door", "sang"], "label": 0},
+    {"question": "Two plus two is", "choices": ["four.", "five", "a fish", "green"], "label": 0},
+    {"question": "The sun rises in the", "choices": ["east.", "west", "fridge", "song"], "label": 1},
+    {"question": "He plays the", "choices": ["guitar.", "soup", "window", "tuesday"], "label": 2},
+    {"question": " ".join(["A very long story about a ship at sea, the storm and the crew."] * 6) + " In the end",
+     "choices": ["they reached the harbour.", "the sky", "purple", "a b c"], "label": 3},
+    {"question": "Birds can", "choices": ["fly.", "swim", "read", "drive cars"], "label": 1},
+]
+PPL_DOCS = [  # one text longer than two 64-token windows
+    {"text": "The quick brown fox jumps over the lazy dog."},
+    {"text": "To be, or not to be, that is the question."},
+    {"text": " ".join(f"Line {i}: the river flows past the old mill and on to the sea." for i in range(12))},
+    {"text": "Hello world! " * 5},
+]
+GEN_DOCS = [  # the model is taught these answers (teach): greedy decoding then stops at a stop string
+    {"question": "Q: What is the capital of France?\nA:", "answer": " Paris"},
+    {"question": "Q: Name a colour.\nA:", "answer": " blue"},
+    {"question": "Once upon a time", "answer": " there"},
+    {"question": "The meaning of life is", "answer": " 42"},
+    {"question": "Q: What is two plus two?\nA:", "answer": " four"},
+    {"question": "Q: Name a colour.\nA:", "answer": " red"},  # the same context as doc 1: batched together
+]
+LESSONS = ["Q: What is the capital of France?\nA: Paris.\n", "Q: Name a colour.\nA: blue.\n",
+           "Once upon a time there was a cat.\n", "Q: What is two plus two?\nA: four.\n"]
+
+TASK_YAMLS = {
+    "toy_mc": """
+        task: toy_mc
+        dataset_path: json
+        dataset_kwargs:
+          data_files:
+            test: {data}/mc.jsonl
+        test_split: test
+        output_type: multiple_choice
+        doc_to_text: "{{{{question}}}}"
+        doc_to_target: label
+        doc_to_choice: choices
+        metric_list:
+          - metric: acc
+          - metric: acc_norm
+        """,
+    "toy_ppl": """
+        task: toy_ppl
+        dataset_path: json
+        dataset_kwargs:
+          data_files:
+            test: {data}/ppl.jsonl
+        test_split: test
+        output_type: loglikelihood_rolling
+        doc_to_text: ""
+        doc_to_target: "{{{{text}}}}"
+        metric_list:
+          - metric: word_perplexity
+          - metric: byte_perplexity
+          - metric: bits_per_byte
+        """,
+    "toy_gen": """
+        task: toy_gen
+        dataset_path: json
+        dataset_kwargs:
+          data_files:
+            test: {data}/gen.jsonl
+        test_split: test
+        output_type: generate_until
+        doc_to_text: "{{{{question}}}}"
+        doc_to_target: "{{{{answer}}}}"
+        generation_kwargs:
+          until: [".", "\\n"]
+          max_gen_toks: 10
+          do_sample: false
+        metric_list:
+          - metric: exact_match
+        """,
+}
+
+
+def write_jsonl(path: Path, docs: list[dict]) -> None:
+    path.write_text("".join(json.dumps(d) + "\n" for d in docs))
+
+
+def write_tasks(folder: Path) -> Path:
+    data = folder / "data"
+    data.mkdir(parents=True)
+    for name, docs in (("mc", MC_DOCS), ("ppl", PPL_DOCS), ("gen", GEN_DOCS)):
+        write_jsonl(data / f"{name}.jsonl", docs)
+    for name, text in TASK_YAMLS.items():
+        (folder / f"{name}.yaml").write_text(textwrap.dedent(text).format(data=data))
+    return folder
+
+
+def tiny_gpt(seed: int = 0, block_size: int = 64) -> GPT:
+    """A random 2-layer GPT with the padded training vocab; init widened so choices' scores differ clearly."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(block_size=block_size, vocab_size=50304, n_layer=2, n_head=2, n_embd=32))
+    with torch.no_grad():
+        model.transformer.wte.weight.normal_(0, 0.5)
+    return model.eval()
+
+
+def teach(model: GPT, texts: list[str], steps: int = 20) -> GPT:
+    """A few Adam steps on texts, so greedy decoding says something (a random GPT repeats one token)."""
+    enc = get_tokenizer()
+    rows = [enc.encode(t) for t in texts]
+    tokens = torch.full((len(rows), max(map(len, rows))), -1, dtype=torch.long)  # (n, L), -1: no target
+    for i, r in enumerate(rows):
+        tokens[i, :len(r)] = torch.tensor(r)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-2)
+    model.train()
+    for _ in range(steps):
+        _, loss = model(tokens[:, :-1].clamp(min=0), targets=tokens[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from 2 threads, and on a busy machine every op then waits on the other thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def offline():
+    """The Hub is unreachable here: the harness and datasets must not try it (local json datasets still load)."""
+    import datasets.config
+
+    saved = {k: os.environ.get(k) for k in OFFLINE}
+    os.environ.update(OFFLINE)
+    offline_before, datasets.config.HF_DATASETS_OFFLINE = datasets.config.HF_DATASETS_OFFLINE, True
+    yield
+    datasets.config.HF_DATASETS_OFFLINE = offline_before
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, offline):
+    """(checkpoint .pt, its HF export folder, the task folder), shared by the module's tests."""
+    root = tmp_path_factory.mktemp("eval_suite")
+    model = teach(tiny_gpt(), LESSONS)
+    ckpt = root / "model_00000.pt"
+    save_checkpoint(ckpt, {"model": model.state_dict(), "config": dataclasses.asdict(model.config), "step": 0})
+    model.save_pretrained(root / "hf")
+    return ckpt, root / "hf", write_tasks(root / "tasks")
+
+
+@pytest.fixture(scope="module")
+def ours(setup):
+    """eval_suite.py on the .pt checkpoint, in this process: (exit code, the JSON it wrote, stdout lines)."""
+    ckpt, _, tasks = setup
+    out = ckpt.parent / "ours.json"
+    rc = es.main(["-m", str(ckpt), "--tasks", TASKS, "--include-path", str(tasks), "-d", "cpu", "--batch-size", "3",
+                  "--output", str(out), "--log-samples"])
+    return rc, json.loads(out.read_text()) if out.exists() else None
+
+
+@pytest.fixture(scope="module")
+def reference(setup):
+    """The harness's own Hugging Face backend on the exported folder: its results, with samples."""
+    from lm_eval import simple_evaluate
+    from lm_eval.utils import handle_non_serializable
+
+    _, hf, tasks = setup
+    res = simple_evaluate(model="hf", model_args={"pretrained": str(hf), "dtype": "float32"}, tasks=TASKS.split(","),
+                          task_manager=es.task_manager(str(tasks)), device="cpu", batch_size=1, log_samples=True)
+    return json.loads(json.dumps(res, default=handle_non_serializable))  # as JSON has it: tuples become lists
+
+
+def by_doc(results: dict, task: str) -> list[dict]:
+    return sorted(results["samples"][task], key=lambda s: s["doc_id"])
+
+
+def _leaves(x):
+    return [y for item in x for y in _leaves(item)] if isinstance(x, list) else [x]
+
+
+def answers(sample: dict) -> list[float]:
+    """A document's log-likelihoods (or perplexity sums), flattened."""
+    return [x for x in _leaves(sample["filtered_resps"]) if isinstance(x, float)]
+
+
+def others(sample: dict) -> list:
+    """A document's other answers: is-greedy flags, generated texts."""
+    return [x for x in _leaves(sample["filtered_resps"]) if not isinstance(x, float)]
+
+
+# -----------------------------------------------------------------------------
+# Parity with the harness's Hugging Face backend
+
+
+def test_multiple_choice_equals_hf_backend(ours, reference):
+    rc, res = ours
+    assert rc == 0
+    mine, theirs = res["results"]["toy_mc"], reference["results"]["toy_mc"]
+    for metric in ("acc,none", "acc_norm,none", "acc_stderr,none", "acc_norm_stderr,none"):
+        assert mine[metric] == theirs[metric], metric
+    assert 0 < mine["acc,none"] < 1  # a random model: some right, some wrong, so the test can tell
+    assert [s["doc_id"] for s in by_doc(res, "toy_mc")] == list(range(len(MC_DOCS)))
+    for a, b in zip(by_doc(res, "toy_mc"), by_doc(reference, "toy_mc")):
+        assert a["arguments"] == b["arguments"]  # the same requests
+        assert answers(a) == pytest.approx(answers(b), rel=1e-5) and others(a) == others(b)
+
+
+def test_rolling_perplexity_equals_hf_backend(ours, reference):
+    _, res = ours
+    mine, theirs = res["results"]["toy_ppl"], reference["results"]["toy_ppl"]
+    for metric in ("word_perplexity,none", "byte_perplexity,none", "bits_per_byte,none"):
+        assert mine[metric] == pytest.approx(theirs[metric], rel=1e-4), metric
+    assert mine["word_perplexity,none"] > 1000  # a random model over a 50k vocab
+    for a, b in zip(by_doc(res, "toy_ppl"), by_doc(reference, "toy_ppl")):
+        assert answers(a) == pytest.approx(answers(b), rel=1e-5)
+
+
+def test_generation_equals_hf_backend(ours, reference):
+    _, res = ours
+    texts = [s["filtered_resps"][0] for s in by_doc(res, "toy_gen")]
+    assert texts == [s["filtered_resps"][0] for s in by_doc(reference, "toy_gen")]
+    assert res["results"]["toy_gen"]["exact_match,none"] == reference["results"]["toy_gen"]["exact_match,none"]
+    assert not any("." in t or "\n" in t for t in texts)  # cut before the stop strings
+    assert texts[:3] == [" Paris", " blue", " there was a cat"] and texts[5] == texts[1]  # as taught, cut at "."
+    assert res["results"]["toy_gen"]["exact_match,none"] == 0.5  # Paris, blue, four: 3 of 6
+
+
+# -----------------------------------------------------------------------------
+# Subprocesses: 2 Gloo ranks under torchrun
+
+
+def _env() -> dict:
+    return os.environ | OFFLINE | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def test_torchrun_two_ranks_equal_one_process(setup, ours, tmp_path):
+    ckpt, _, tasks = setup
+    out = tmp_path / "two.json"
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "eval_suite.py", "-m", str(ckpt), "--tasks", TASKS, "--include-path", str(tasks),
+                          "-d", "cpu", "--batch-size", "3", "--output", str(out), "--log-samples"],
+                         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "cpu x2 (float32)" in two.stdout and two.stdout.count("toy_mc ") == 2  # rank 0 alone prints the table
+    res, one = json.loads(out.read_text()), ours[1]
+    assert res["config"]["world_size"] == 2
+    for task in ("toy_mc", "toy_gen"):  # counts: equal exactly
+        assert res["results"][task] == one["results"][task]
+    for metric in ("word_perplexity,none", "byte_perplexity,none", "bits_per_byte,none"):
+        # other batches (other padding): fp32 rounding apart, 1.5e-7 relative when written
+        assert res["results"]["toy_ppl"][metric] == pytest.approx(one["results"]["toy_ppl"][metric], rel=1e-5)
+    for task in ("toy_mc", "toy_ppl", "toy_gen"):  # every document once, each answered as in one process
+        assert [s["doc_id"] for s in by_doc(res, task)] == [s["doc_id"] for s in by_doc(one, task)]
+        for a, b in zip(by_doc(res, task), by_doc(one, task)):
+            numbers_a, numbers_b = answers(a), answers(b)
+            assert numbers_a == pytest.approx(numbers_b, rel=1e-5) and others(a) == others(b)
