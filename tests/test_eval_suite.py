@@ -5,7 +5,9 @@ random GPT, and three small tasks in the harness's own YAML format over jsonl fi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import os
 import subprocess
@@ -189,9 +191,10 @@ def ours(setup):
     """eval_suite.py on the .pt checkpoint, in this process: (exit code, the JSON it wrote, stdout lines)."""
     ckpt, _, tasks = setup
     out = ckpt.parent / "ours.json"
-    rc = es.main(["-m", str(ckpt), "--tasks", TASKS, "--include-path", str(tasks), "-d", "cpu", "--batch-size", "3",
-                  "--output", str(out), "--log-samples"])
-    return rc, json.loads(out.read_text()) if out.exists() else None
+    with contextlib.redirect_stdout(io.StringIO()) as stdout:
+        rc = es.main(["-m", str(ckpt), "--tasks", TASKS, "--include-path", str(tasks), "-d", "cpu",
+                      "--batch-size", "3", "--output", str(out), "--log-samples"])
+    return rc, json.loads(out.read_text()) if out.exists() else None, stdout.getvalue().splitlines()
 
 
 @pytest.fixture(scope="module")
@@ -229,7 +232,7 @@ def others(sample: dict) -> list:
 
 
 def test_multiple_choice_equals_hf_backend(ours, reference):
-    rc, res = ours
+    rc, res, _ = ours
     assert rc == 0
     mine, theirs = res["results"]["toy_mc"], reference["results"]["toy_mc"]
     for metric in ("acc,none", "acc_norm,none", "acc_stderr,none", "acc_norm_stderr,none"):
@@ -242,7 +245,7 @@ def test_multiple_choice_equals_hf_backend(ours, reference):
 
 
 def test_rolling_perplexity_equals_hf_backend(ours, reference):
-    _, res = ours
+    _, res, _ = ours
     mine, theirs = res["results"]["toy_ppl"], reference["results"]["toy_ppl"]
     for metric in ("word_perplexity,none", "byte_perplexity,none", "bits_per_byte,none"):
         assert mine[metric] == pytest.approx(theirs[metric], rel=1e-4), metric
@@ -252,13 +255,85 @@ def test_rolling_perplexity_equals_hf_backend(ours, reference):
 
 
 def test_generation_equals_hf_backend(ours, reference):
-    _, res = ours
+    _, res, _ = ours
     texts = [s["filtered_resps"][0] for s in by_doc(res, "toy_gen")]
     assert texts == [s["filtered_resps"][0] for s in by_doc(reference, "toy_gen")]
     assert res["results"]["toy_gen"]["exact_match,none"] == reference["results"]["toy_gen"]["exact_match,none"]
     assert not any("." in t or "\n" in t for t in texts)  # cut before the stop strings
     assert texts[:3] == [" Paris", " blue", " there was a cat"] and texts[5] == texts[1]  # as taught, cut at "."
     assert res["results"]["toy_gen"]["exact_match,none"] == 0.5  # Paris, blue, four: 3 of 6
+
+
+def test_table_and_default_output(ours, setup, tmp_path):
+    _, res, stdout = ours
+    ckpt, hf, _ = setup
+    assert stdout[0].startswith(f"{ckpt} on cpu x1 (float32): ")
+    table = [[c.strip() for c in line.split("|")] for line in stdout[1:]]
+    assert table[0] == ["task", "metric", "value", "stderr"] and set(stdout[2]) <= {"-", "+"}
+    mc = res["results"]["toy_mc"]
+    assert table[2:4] == [["toy_mc", "acc", f"{mc['acc,none']:.4f}", f"{mc['acc_stderr,none']:.4f}"],
+                          ["toy_mc", "acc_norm", f"{mc['acc_norm,none']:.4f}", f"{mc['acc_norm_stderr,none']:.4f}"]]
+    assert ["toy_ppl", "word_perplexity"] == table[4][:2] and table[4][3] == "—"  # the harness gives no stderr
+    assert [row[0] for row in table[2:]] == ["toy_mc"] * 2 + ["toy_ppl"] * 3 + ["toy_gen"]
+    assert res["config"]["model"] == str(ckpt) and res["config"]["limit"] is None
+    # default --output: beside the model
+    assert es.default_output(str(ckpt)) == ckpt.with_name("model_00000.eval_suite.json")
+    assert es.default_output(str(hf)) == hf.parent / "hf.eval_suite.json"
+    assert es.default_output("openai-community/gpt2") == Path("openai-community__gpt2.eval_suite.json")
+
+
+def test_task_names_suite_globs_and_close_matches(setup, capsys):
+    ckpt, _, tasks = setup
+    manager = es.task_manager(str(tasks))  # the harness's tasks and ours
+    assert es.resolve_tasks("gpt2-suite", manager) == list(es.GPT2_SUITE) == [
+        "hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande", "lambada_openai"]
+    assert es.resolve_tasks("toy_*, toy_mc,piqa", manager) == ["toy_gen", "toy_mc", "toy_ppl", "piqa"]
+    for spec, error in (("helaswag", "unknown task 'helaswag' (did you mean hellaswag"),
+                        ("toy_mcc", "unknown task 'toy_mcc' (did you mean toy_mc"),
+                        ("zzqqxx", "unknown task 'zzqqxx' (no close match)"),
+                        ("nope_*", "--tasks nope_*: no task matches this pattern"), (" , ", "--tasks is empty")):
+        assert es.main(["-m", str(ckpt), "--tasks", spec, "--include-path", str(tasks)]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and len(err.splitlines()) == 1 and err.startswith("eval_suite.py: error: "), err
+        assert error in err, err
+    assert es.main(["-m", str(ckpt), "--include-path", str(ckpt)]) == 2
+    assert "not a folder" in capsys.readouterr().err
+
+
+def _instance(kind: str, args: tuple):
+    from lm_eval.api.instance import Instance
+
+    return Instance(request_type=kind, doc={}, arguments=args, idx=0, metadata=("toy", 0, 1))
+
+
+def test_requests_longer_than_the_block_size(setup):
+    lm = es.GPTLM(tiny_gpt(block_size=16))
+    enc = get_tokenizer()
+    story = " ".join(f"word{i}" for i in range(40))  # far longer than 16 tokens
+    ctx, cont = enc.encode(story), enc.encode(" and so on")  # 3 continuation tokens
+    # a long context loses its oldest tokens, as in the hf backend: a row holds block_size + 1 = 17 tokens (the
+    # last one is only predicted), the last 14 of the context and the 3 of the continuation
+    (long_ll, _), (short_ll, _) = lm._loglikelihood_tokens([(None, ctx, cont), (None, ctx[-14:], cont)])
+    assert long_ll == pytest.approx(short_ll, rel=1e-6) and long_ll < 0
+    (whole_ll, _), = lm._loglikelihood_tokens([(None, ctx[-13:], cont)])
+    assert whole_ll != pytest.approx(long_ll, rel=1e-6)  # one context token fewer does change it
+    assert lm.loglikelihood([_instance("loglikelihood", (story, " and so on"))])[0][0] == pytest.approx(long_ll)
+    with pytest.raises(es.EvalSuiteError, match=r"a continuation of \d+ tokens is longer than the model's "
+                                                r"block_size=16"):
+        lm.loglikelihood([_instance("loglikelihood", ("Once", story))])
+    # perplexity: windows of 16, each token scored once
+    (rolled,) = lm.loglikelihood_rolling([_instance("loglikelihood_rolling", (story,))])
+    windows = [(None, ctx[i - 16:i] if i >= 16 else [es.EOT_TOKEN] + ctx[:i], ctx[i:i + 16 if i else 16])
+               for i in range(0, len(ctx), 16)]  # by hand: 16 tokens scored per window, full context each
+    assert rolled == pytest.approx(sum(ll for ll, _ in lm._loglikelihood_tokens(windows)), rel=1e-6)
+    gen = {"until": ["\n"], "max_gen_toks": 16, "do_sample": False}
+    with pytest.raises(es.EvalSuiteError, match=r"task toy asks for up to 16 new tokens, which leaves no room for "
+                                                r"a context in the model's block_size=16"):
+        lm.generate_until([_instance("generate_until", (story, gen))])
+    (text,) = lm.generate_until([_instance("generate_until", (story, gen | {"max_gen_toks": 5}))])
+    assert len(enc.encode(text)) <= 5  # context cut to the last 11 tokens, 5 new ones: the block's 16
+    with pytest.raises(es.EvalSuiteError, match="do_sample=True"):
+        lm.generate_until([_instance("generate_until", ("Hi", gen | {"do_sample": True, "temperature": 1.0}))])
 
 
 # -----------------------------------------------------------------------------
@@ -290,3 +365,55 @@ def test_torchrun_two_ranks_equal_one_process(setup, ours, tmp_path):
         for a, b in zip(by_doc(res, task), by_doc(one, task)):
             numbers_a, numbers_b = answers(a), answers(b)
             assert numbers_a == pytest.approx(numbers_b, rel=1e-5) and others(a) == others(b)
+
+
+RANKS_SCRIPT = """
+import sys, torch
+import eval_suite as es
+from gpt2 import GPT, GPTConfig, setup_distributed, teardown_distributed
+
+dist = setup_distributed("cpu")
+lm = es.GPTLM(GPT(GPTConfig(block_size=8, vocab_size=64, n_layer=1, n_head=1, n_embd=8)), dist)
+gathered = lm.all_gather(torch.tensor(10 + dist.rank))
+objects = lm.gather_object({"rank": dist.rank})
+print(f"rank {dist.rank}: {gathered.tolist()} {objects}", flush=True)
+
+def work():
+    if dist.rank == int(sys.argv[1]):
+        raise ValueError(f"rank {dist.rank} broke")
+    lm.barrier()  # the harness's next collective: here it hears of the other rank's failure
+    lm.gather_object("never reached")
+
+try:
+    es.run_on_every_rank(work, dist)
+except Exception as e:
+    print(f"rank {dist.rank}: {type(e).__name__}: {e}", flush=True)
+teardown_distributed()
+"""
+
+
+def test_a_failure_on_one_rank_stops_every_rank(tmp_path):
+    """The harness's collectives (all_gather, gather_object, barrier) over Gloo; a rank that fails between them
+    makes the others raise at their next one instead of waiting forever."""
+    script = tmp_path / "ranks.py"
+    script.write_text(RANKS_SCRIPT)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script), "1"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = sorted(line for line in r.stdout.splitlines() if line.startswith("rank "))
+    assert lines == ["rank 0: OtherRankFailed: another rank failed (see its error)",
+                     "rank 0: [10, 11] [{'rank': 0}, {'rank': 1}]",
+                     "rank 1: ValueError: rank 1 broke", "rank 1: [10, 11] None"]
+
+
+def test_no_network_and_no_cached_dataset_says_how_to_run_offline(setup, tmp_path):
+    ckpt, _, _ = setup
+    env = _env() | {"HF_HOME": str(tmp_path / "empty_cache")}  # nothing cached, and the Hub unreachable
+    r = subprocess.run([sys.executable, "eval_suite.py", "-m", str(ckpt), "--tasks", "arc_easy", "--limit", "2",
+                        "-d", "cpu", "--output", str(tmp_path / "out.json")], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=180)
+    assert r.returncode == 2 and r.stdout == "" and len(r.stderr.strip().splitlines()) == 1, r.stderr[-3000:]
+    err = r.stderr.strip()
+    assert err.startswith("eval_suite.py: error: could not load a task's dataset (") and "allenai/ai2_arc" in err
+    assert "HF_DATASETS_OFFLINE=1" in err and "--include-path" in err
+    assert not (tmp_path / "out.json").exists()
