@@ -24,6 +24,7 @@ import eval_suite as es  # noqa: E402
 from gpt2 import GPT, GPTConfig, get_tokenizer, save_checkpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 TASKS = "toy_mc,toy_ppl,toy_gen"
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
@@ -147,15 +148,6 @@ def teach(model: GPT, texts: list[str], steps: int = 20) -> GPT:
         loss.backward()
         opt.step()
     return model.eval()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from 2 threads, and on a busy machine every op then waits on the other thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
