@@ -180,11 +180,12 @@ class GPTLM(TemplateLM):
     def loglikelihood(self, requests, disable_tqdm: bool = False):
         return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not self.progress)
 
-    def _row(self, context: list[int], continuation: list[int]) -> tuple[list[int], int]:
+    def _row(self, strings, context: list[int], continuation: list[int]) -> tuple[list[int], int]:
         """The tokens a request is scored on: context + continuation, the context cut from the left to fit
         (the model sees all but the last token, so a row holds block_size + 1), as the hf backend does."""
         if len(continuation) > self.block_size:
-            raise EvalSuiteError(f"a continuation of {len(continuation)} tokens is longer than the model's "
+            text = f" ({one_line(strings[1])[:40]!r}...)" if strings else ""
+            raise EvalSuiteError(f"a continuation of {len(continuation)} tokens{text} is longer than the model's "
                                  f"block_size={self.block_size}: it cannot be scored (use a longer-context model)")
         return (context + continuation)[-(self.block_size + 1):], len(continuation)
 
@@ -192,7 +193,7 @@ class GPTLM(TemplateLM):
         """requests: (strings, context tokens, continuation tokens) -> (log-likelihood, is greedy) each."""
         from tqdm import tqdm
 
-        rows = [self._row(ctx, cont) for _, ctx, cont in requests]
+        rows = [self._row(*request) for request in requests]
         out: list[tuple[float, bool]] = [(0.0, True)] * len(rows)
         bar = tqdm(total=len(rows), desc="eval_suite loglikelihood", unit="req", dynamic_ncols=True,
                    disable=disable_tqdm or not self.progress)
@@ -408,6 +409,17 @@ def load_tasks(manager, names: list[str]) -> dict:
         raise dataset_error(e) from e
 
 
+def check_shares(loaded: dict, limit: int, world_size: int) -> None:
+    """Each rank must get a document of every task: the harness's evaluator waits for a rank with none in a
+    collective that rank never reaches."""
+    for name, task in loaded["tasks"].items():
+        docs = len(task.eval_docs)
+        n = min(docs, limit) if limit else docs
+        if n < world_size:
+            raise EvalSuiteError(f"task {name} has {n} documents{' (--limit)' if n < docs else ''}, fewer than the "
+                                 f"{world_size} ranks, and every rank needs one: use fewer ranks or more documents")
+
+
 # -----------------------------------------------------------------------------
 # Results: the table, the JSON
 
@@ -539,8 +551,9 @@ def main(argv=None) -> int:
         names, model = on_every_rank(lambda: (resolve_tasks(cfg.tasks, task_manager(cfg.include_path)),
                                               load_model(cfg.model, dist.device)), dist, _other_rank_failed())
         if dist.world_size > 1:  # rank 0 fills the datasets cache while the others wait, so nothing downloads twice
-            rank_0_first(lambda: load_tasks(task_manager(cfg.include_path), names), dist,
-                         EvalSuiteError("rank 0 could not load the tasks' datasets (see its error)"))
+            rank_0_first(lambda: check_shares(load_tasks(task_manager(cfg.include_path), names), cfg.limit,
+                                              dist.world_size),
+                         dist, EvalSuiteError("rank 0 could not prepare the tasks (see its error)"))
         lm = GPTLM(model, dist, cfg.batch_size, setup_precision(cfg.dtype, dist.device_type))
         t0 = time.time()
 

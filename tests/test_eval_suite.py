@@ -292,6 +292,17 @@ def test_task_names_suite_globs_and_close_matches(setup, capsys):
     assert "not a folder" in capsys.readouterr().err
 
 
+def test_every_rank_needs_a_document_of_every_task(setup):
+    _, _, tasks = setup
+    loaded = es.load_tasks(es.task_manager(str(tasks)), ["toy_mc", "toy_gen"])  # 8 and 6 documents
+    es.check_shares(loaded, 0, 6)
+    es.check_shares(loaded, 3, 3)
+    with pytest.raises(es.EvalSuiteError, match=r"^task toy_gen has 6 documents, fewer than the 7 ranks"):
+        es.check_shares(loaded, 0, 7)
+    with pytest.raises(es.EvalSuiteError, match=r"^task toy_mc has 2 documents \(--limit\), fewer than the 3 ranks"):
+        es.check_shares(loaded, 2, 3)
+
+
 def _instance(kind: str, args: tuple):
     from lm_eval.api.instance import Instance
 
@@ -310,8 +321,8 @@ def test_requests_longer_than_the_block_size(setup):
     (whole_ll, _), = lm._loglikelihood_tokens([(None, ctx[-13:], cont)])
     assert whole_ll != pytest.approx(long_ll, rel=1e-6)  # one context token fewer does change it
     assert lm.loglikelihood([_instance("loglikelihood", (story, " and so on"))])[0][0] == pytest.approx(long_ll)
-    with pytest.raises(es.EvalSuiteError, match=r"a continuation of \d+ tokens is longer than the model's "
-                                                r"block_size=16"):
+    with pytest.raises(es.EvalSuiteError, match=r"a continuation of \d+ tokens \('word0 word1 word2 .*'\.\.\.\) "
+                                                r"is longer than the model's block_size=16"):
         lm.loglikelihood([_instance("loglikelihood", ("Once", story))])
     # perplexity: windows of 16, each token scored once
     (rolled,) = lm.loglikelihood_rolling([_instance("loglikelihood_rolling", (story,))])
