@@ -48,7 +48,6 @@ import torch
 from gpt2 import (
     DTYPES,
     EOT_TOKEN,
-    GPT2_VOCAB_SIZE,
     Dist,
     KVCache,
     add_dataclass_flags,
@@ -152,8 +151,8 @@ class GPTLM(TemplateLM):
         self._rank, self._world_size = self.dist.rank, self.dist.world_size
         self._device = torch.device(self.dist.device)
         self.block_size = model.config.block_size
-        self.vocab = min(model.config.vocab_size, GPT2_VOCAB_SIZE)  # GPT-2's real tokens
-        self.batch_size = batch_size or (32 if self._device.type == "cuda" else 8)
+        self.vocab = model.default_export_vocab()  # GPT-2's real tokens, as the export keeps them
+        self.batch_size = batch_size or (64 if self._device.type == "cuda" else 8)
         self.autocast_dtype = autocast_dtype
         self.progress = progress and self.dist.master
         self.enc = get_tokenizer()
@@ -486,7 +485,7 @@ class SuiteConfig:
     log_samples: bool = False  # also keep every document's requests and responses in the JSON
     device: str = "auto"  # cuda, cuda:1, cpu, mps; auto: cuda if available (under torchrun cuda:LOCAL_RANK), else cpu
     dtype: str = "float32"  # float32: as the harness's hf backend runs GPT-2; bfloat16: autocast, faster on GPUs
-    batch_size: int = 0  # requests per forward pass; 0: 32 on cuda, 8 on cpu
+    batch_size: int = 0  # requests per forward pass; 0: 64 on cuda, 8 on cpu
     bootstrap_iters: int = 100000  # the harness's resamples for the stderr of metrics that are not means (0: none)
 
 
