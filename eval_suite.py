@@ -27,10 +27,11 @@ tokens (a generation's context keeps block_size - max_gen_toks); a continuation 
 or max_gen_toks >= block_size, is an error. A checkpoint padded for training (vocab 50304) is scored over
 GPT-2's 50257 real tokens, as its export is.
 
-Under torchrun each rank takes every world_size-th document (the harness's own split) and rank 0 gathers the
-metrics; a failure on one rank stops every rank. Datasets come from the Hugging Face Hub through the
-`datasets` cache: offline, fill the cache on a machine with network and set HF_DATASETS_OFFLINE=1, or
-define tasks over local files (--include-path).
+Under torchrun each rank takes every world_size-th document (the harness's own split; so every task needs at
+least world_size documents) and rank 0 gathers the metrics; a failure on one rank stops every rank.
+
+Datasets come from the Hugging Face Hub through the `datasets` cache: offline, fill the cache on a machine with
+network and set HF_DATASETS_OFFLINE=1, or define tasks over local files (--include-path).
 """
 
 from __future__ import annotations
