@@ -21,6 +21,7 @@ import hellaswag as hs
 from gpt2 import GPT, Dist, GPTConfig, get_tokenizer, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 # -----------------------------------------------------------------------------
 # Fixtures: invented examples in the real hellaswag_val.jsonl schema, short and long contexts and endings
@@ -76,15 +77,6 @@ def write_jsonl(path: Path, examples=EXAMPLES, lines=None) -> Path:
     lines = lines if lines is not None else [json.dumps(ex) for ex in examples]
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from 2 threads, and on a busy machine every op then waits on the other thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-MODULES = ["train_gpt2", "fineweb", "hellaswag"]
+MODULES = ["train_gpt2", "fineweb", "hellaswag", "eval_suite"]
 SKIP_DIRS = {".git", ".venv", "__pycache__", ".pytest_cache", ".ruff_cache"}
 
 CHILD = textwrap.dedent(
