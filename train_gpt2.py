@@ -861,7 +861,9 @@ def wrap_model(raw_model: GPT, cfg: TrainConfig, dist: Dist,
     CUDA), then wrapped in DDP for several ranks under ddp; and whether it was compiled."""
     raw_model.activation_checkpointing = cfg.activation_checkpointing
     if cfg.shard == "fsdp":
-        shard_model(raw_model, dist, autocast_dtype)
+        shard_model(raw_model, dist, autocast_dtype)  # cut on the CPU: only this rank's shards go to the device
+    else:
+        raw_model.to(dist.device)
     use_compile = cfg.compile if cfg.compile is not None else dist.device_type == "cuda"
     compiled = torch.compile(raw_model) if use_compile else raw_model
     if dist.world_size == 1 or cfg.shard == "fsdp":
@@ -896,7 +898,6 @@ def setup(cfg: TrainConfig, dist: Dist) -> Run:
     train_loader, val_loader = open_data(cfg, dist, need_eval, raw_model.config.vocab_size)
     hella = on_every_rank(lambda: load_hellaswag(cfg, dist, raw_model.config.block_size),
                           dist, others("load HellaSwag")) if need_eval and cfg.hellaswag else None
-    raw_model.to(dist.device)
     compiled, model, use_compile = wrap_model(raw_model, cfg, dist, autocast_dtype)
     optimizer = configure_optimizer(raw_model, cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), cfg.eps,
                                     dist.device_type)  # after sharding: it must hold the sharded parameters
