@@ -2,6 +2,7 @@
 FineWeb-Edu (or any text dataset) -> the GPT-2 token shards that train_gpt2.py reads.
 
     python fineweb.py                                           # FineWeb-Edu sample-10BT -> edu_fineweb10B/
+    python fineweb.py --preset fineweb100B                      # FineWeb sample-100BT (gpt2-medium, gpt2-large)
     python fineweb.py --streaming                               # no full download to disk first
     python fineweb.py --data-files corpus/*.jsonl --out-dir my_shards --shard-size 10000000
 
@@ -46,10 +47,12 @@ import numpy as np
 
 from gpt2 import (
     DATA_DIR,
+    DATASETS,
     EOT_TOKEN,
     GPT2_BPE_FILES,
     add_dataclass_flags,
     atomic_write,
+    dataset_dir,
     get_tokenizer,
     is_shard,
     remove_stale_temp_files,
@@ -61,6 +64,7 @@ from gpt2 import (
 
 @dataclass
 class Config:
+    preset: str | None = None  # a recipe's dataset: sets --dataset, --name, --out-dir and --prefix (listed below)
     # what to read
     dataset: str = "HuggingFaceFW/fineweb-edu"  # a Hugging Face Hub dataset (ignored with --data-files)
     name: str | None = "sample-10BT"  # the dataset's config; sample-10BT is ~10B GPT-2 tokens
@@ -678,13 +682,17 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="--data-files: .jsonl/.json (one JSON object per line, the text in --text-field), .parquet, or "
         ".txt (one document per line, field 'text'). Interrupted? Rerun the same command: complete shards are "
         "kept and the run continues after them.")
-    add_dataclass_flags(p, Config, extra={"data_files": dict(metavar="FILE")})
+    add_dataclass_flags(p, Config, unset_is_absent=True, extra={"data_files": dict(metavar="FILE"),
+                                                                "preset": dict(choices=sorted(DATASETS))})
+    p.epilog += " Presets: " + "; ".join(f"{k}: {v}" for k, v in DATASETS.items()) + "."
     return p
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
     p = build_parser()
-    cfg = Config(**vars(p.parse_args(argv)))
+    given = vars(p.parse_args(argv))  # only the flags on the command line: they override the preset's
+    preset = given.get("preset")
+    cfg = Config(**{**(dict(DATASETS[preset], out_dir=str(dataset_dir(preset))) if preset else {}), **given})
     for name in ("shard_size", "max_tokens", "num_proc"):
         value = getattr(cfg, name)
         if value is not None and value < 1:

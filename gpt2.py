@@ -164,7 +164,20 @@ def download(url: str, dest: Path, timeout: float = 60.0) -> None:
 # -----------------------------------------------------------------------------
 # Token shards: fineweb.py writes them, train_gpt2.py reads them (build-nanogpt's names and format)
 
-DATA_DIR = Path(__file__).resolve().parent / "edu_fineweb10B"  # both scripts' default, whatever the cwd
+# the datasets the recipes train on, by the folder `python fineweb.py --preset NAME` writes beside the scripts
+DATASETS = {
+    "edu_fineweb10B": dict(dataset="HuggingFaceFW/fineweb-edu", name="sample-10BT", prefix="edufineweb"),  # 124M
+    "fineweb100B": dict(dataset="HuggingFaceFW/fineweb", name="sample-100BT", prefix="fineweb"),  # 350M, 774M
+    "edu_fineweb100B": dict(dataset="HuggingFaceFW/fineweb-edu", name="sample-100BT", prefix="edufineweb"),  # 1.5B
+}
+
+
+def dataset_dir(name: str) -> Path:
+    """A DATASETS entry's folder, beside the scripts whatever the cwd."""
+    return Path(__file__).resolve().parent / name
+
+
+DATA_DIR = dataset_dir("edu_fineweb10B")  # both scripts' default
 
 
 def shard_name(prefix: str, split: str, index: int) -> str:
@@ -399,6 +412,12 @@ class GPTConfig:
     def __post_init__(self):
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+
+    def num_parameters(self) -> int:
+        """GPT.num_parameters() without building the model: the tied wte/lm_head once, wpe, and per block
+        two LayerNorms (4C), c_attn (3C^2 + 3C), attn.c_proj (C^2 + C), c_fc (4C^2 + 4C), mlp.c_proj (4C^2 + C)."""
+        C = self.n_embd
+        return self.vocab_size * C + self.block_size * C + self.n_layer * (12 * C * C + 13 * C) + 2 * C
 
 
 GPT2_SIZES = {  # OpenAI's four checkpoints

@@ -33,6 +33,7 @@ import torch.nn as nn
 import hellaswag
 from gpt2 import (
     DATA_DIR,
+    DATASETS,
     GPT,
     GPT2_VOCAB_SIZE,
     SAMPLE_FLAG_ALIASES,
@@ -45,6 +46,7 @@ from gpt2 import (
     all_reduce_sum,
     atomic_write,
     barrier,
+    dataset_dir,
     download,
     get_tokenizer,
     is_shard,
@@ -135,6 +137,18 @@ class TrainConfig:
 SHARDS = ("ddp", "fsdp")  # --shard's choices
 
 PRESETS = {
+    # the GPT-2 ladder, as llm.c's published runs (all: T=1024, vocab 50304, weight decay 0.1, clip 1.0,
+    # HellaSwag every 250 steps). gpt2 is the defaults: the lecture's 124M recipe on FineWeb-Edu sample-10BT
+    "gpt2": {},
+    "gpt2-medium": dict(  # 350M: 60,000 steps of 2**19 tokens = 31.5B tokens of FineWeb sample-100BT
+        n_layer=24, n_head=16, n_embd=1024, max_lr=3e-4, warmup_steps=700, min_lr_ratio=0.0, max_steps=60000,
+        data=str(dataset_dir("fineweb100B")), log_dir="log_gpt2-medium"),
+    "gpt2-large": dict(  # 774M: 286,102 steps of 2**19 tokens = 150B tokens of FineWeb sample-100BT
+        n_layer=36, n_head=20, n_embd=1280, micro_batch_size=32, max_lr=2.5e-4, warmup_steps=700, min_lr_ratio=0.0,
+        max_steps=286102, data=str(dataset_dir("fineweb100B")), log_dir="log_gpt2-large"),
+    "gpt2-xl": dict(  # 1.5B: 32,000 steps of 2**20 tokens = 33.5B tokens of FineWeb-Edu sample-100BT
+        n_layer=48, n_head=25, n_embd=1600, total_batch_size=1048576, micro_batch_size=16, max_lr=6e-4,
+        warmup_steps=700, max_steps=32000, data=str(dataset_dir("edu_fineweb100B")), log_dir="log_gpt2-xl"),
     # the quick start, ~2 minutes on a 2-core laptop CPU. Each token costs about the same whatever the width,
     # most of it the 50304-wide output layer and its softmax, so the budget buys ~0.6M tokens: a narrow model
     # (32 wide) that sees tiny Shakespeare's 304K training tokens twice beats a wider one that sees them once
@@ -156,7 +170,8 @@ PRESETS = {
 def build_train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="train_gpt2.py",
-        description="Train GPT-2. Subcommands: `train_gpt2.py sample --help`, `train_gpt2.py export --help`.",
+        description="Train GPT-2. Subcommands: `train_gpt2.py sample --help`, `train_gpt2.py export --help`, "
+                    "`train_gpt2.py plan --help`.",
         epilog="Presets: " + "; ".join(f"{k}: {v}" for k, v in PRESETS.items()))
     # flags not given stay unset, so a preset's values apply and explicit flags override them
     add_dataclass_flags(p, TrainConfig, unset_is_absent=True, extra={
@@ -169,7 +184,11 @@ def build_train_parser() -> argparse.ArgumentParser:
 
 
 def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
-    args = vars(build_train_parser().parse_args(argv))
+    return train_config(vars(build_train_parser().parse_args(argv)))
+
+
+def train_config(args: dict) -> TrainConfig:
+    """The flags given (build_train_parser's namespace) over their preset's values over the defaults."""
     values = {**PRESETS.get(args.get("preset"), {}), **args}
     sample = {f.name: values.pop(f.name) for f in dataclasses.fields(SampleConfig) if f.name in values}
     return TrainConfig(**values, sample=SampleConfig(**sample))
@@ -226,13 +245,21 @@ def tokenize_text_file(path: Path, dist: Dist) -> np.ndarray:
                          TrainError(f"--data {path}: another rank could not read its tokens (see its error)"))
 
 
+def build_command(data_dir: Path) -> str:
+    """The command that writes this shard folder (a recipe's dataset), or the general one."""
+    if data_dir.name in DATASETS and data_dir.resolve() == dataset_dir(data_dir.name):
+        return "python fineweb.py" + ("" if data_dir.name == DATA_DIR.name else f" --preset {data_dir.name}")
+    return f"python fineweb.py --out-dir {data_dir} (see its --help for the dataset)"
+
+
 def find_shards(data_dir: Path, split: str) -> list[Path]:
     if not data_dir.is_dir():
-        raise TrainError(f"--data {data_dir}: no such folder: run `python fineweb.py` to build the shards "
+        raise TrainError(f"--data {data_dir}: no such folder: run `{build_command(data_dir)}` to build the shards "
                          "(or pass --data input.txt)")
     shards = sorted(p for p in data_dir.iterdir() if is_shard(p.name, split))
     if not shards:
-        raise TrainError(f"--data {data_dir}: no {split} shards (*_{split}_NNNNNN.npy): run `python fineweb.py`")
+        raise TrainError(f"--data {data_dir}: no {split} shards (*_{split}_NNNNNN.npy): run "
+                         f"`{build_command(data_dir)}`")
     return shards
 
 
@@ -615,7 +642,8 @@ class Metrics:
 # dense bf16 tensor-core peaks per GPU from NVIDIA's data sheets, the most specific name first
 # (the first substring of torch.cuda.get_device_name that matches wins); TF32 is half of these
 PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12, "H100": 989e12, "H200": 989e12,
-                   "GH200": 989e12, "A100": 312e12}
+                   "GH200": 989e12, "A100": 312e12,
+                   "V100": 125e12, "T4": 65e12}  # fp16: these have no bf16
 
 
 def peak_flops(device: str, bf16: bool = True) -> float | None:
@@ -650,13 +678,12 @@ def peak_memory(dist: Dist) -> str:
     return f"{what} per rank {', '.join(f'{g:.2f}' for g in peaks)} {unit}"
 
 
-def flops_per_token(model: GPT, T: int) -> int:
+def flops_per_token(config: GPTConfig, T: int) -> int:
     """Training FLOPs per token, this project's MFU definition: 6N for the matmuls with the parameters
     (forward + backward; N all parameters, the tied embedding once, padded vocab included) + 6*L*C*T for
     attention's two T-long matmuls per layer, half of them skipped by the causal mask. (nanoGPT and the
     PaLM paper count 12*L*C*T without the discount and leave wpe out: about 6% more at T=1024.)"""
-    c = model.config
-    return 6 * model.num_parameters() + 6 * c.n_layer * c.n_embd * T
+    return 6 * config.num_parameters() + 6 * config.n_layer * config.n_embd * T
 
 
 # -----------------------------------------------------------------------------
@@ -902,7 +929,7 @@ def setup(cfg: TrainConfig, dist: Dist) -> Run:
     optimizer = configure_optimizer(raw_model, cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), cfg.eps,
                                     dist.device_type)  # after sharding: it must hold the sharded parameters
     run = Run(cfg, dist, raw_model, compiled, model, optimizer, loss_scaler(autocast_dtype, cfg, dist), train_loader,
-              val_loader, hella, autocast_dtype, grad_accum, flops_per_token(raw_model, cfg.seq_len),
+              val_loader, hella, autocast_dtype, grad_accum, flops_per_token(raw_model.config, cfg.seq_len),
               peak_flops(dist.device, bf16=autocast_dtype is not None))  # fp32 matmuls: TF32
     if ckpt is not None:
         restore_run(run, ckpt)
@@ -1116,7 +1143,129 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
 
 
 # -----------------------------------------------------------------------------
-# Command line: train (default), sample, export
+# Planning (`train_gpt2.py plan`): before renting GPUs, what one GPU holds for a configuration, the largest
+# micro-batch that fits, and what the run costs. Arithmetic on the model's shape; the activations' count is
+# checked against what autograd actually saves (tests/test_plan.py), the rest follows from the dtypes.
+
+GIB = 2**30
+GPU_MEMORY_GIB = {"H200": 141, "H100-80GB": 80, "A100-80GB": 80, "A100-40GB": 40, "L40S": 48, "A10": 24, "L4": 24,
+                  "RTX-4090": 24, "RTX-3090": 24, "V100-32GB": 32, "V100-16GB": 16, "T4": 16}  # as sold
+CUDA_ALLOWANCE_GIB = 1.5  # the CUDA context, cuBLAS/cuDNN workspaces, allocator fragmentation (an assumption)
+
+
+@dataclass
+class PlanConfig:
+    gpus: int = 8  # GPUs the run uses, all nodes together
+    gpu: str = "H100-80GB"  # the GPU: its memory and, where known, its peak FLOP/s (names listed below)
+    gpu_memory: float | None = None  # GiB per GPU, instead of --gpu's
+    tokens_per_sec: float | None = None  # the run's measured speed, all GPUs together (a short run's tok/sec)
+    mfu: float = 0.4  # without --tokens-per-sec: the model FLOPs utilization assumed for the time and cost
+    price: float = 2.5  # price of one GPU-hour, in dollars (an assumption: pass your provider's)
+
+
+def saved_activation_bytes(c: GPTConfig, tokens: int, dtype_bytes: int, checkpointing: bool) -> int:
+    """What autograd keeps for the backward pass at the end of the forward, but the logits. Per token and
+    block: the two LayerNorms' fp32 inputs (the residual stream, 2 x 4C bytes), 14C values in the autocast
+    dtype (LayerNorm outputs, q/k/v, attention output, the MLP's 4C-wide input and GELU output), and
+    LayerNorm/attention statistics ((4 + n_head) fp32). With checkpointing a block keeps only its input
+    (4C) and recomputes the rest during the backward pass, one block at a time. Then ln_f and lm_head's input."""
+    C = c.n_embd
+    block = 8 * C + 14 * C * dtype_bytes + 4 * (4 + c.n_head)
+    per_token = c.n_layer * (4 * C if checkpointing else block) + 8 * C
+    return tokens * per_token + (tokens * block if checkpointing else 0)  # + the block being recomputed
+
+
+def logits_bytes(c: GPTConfig, tokens: int, dtype_bytes: int, loss_chunk: int) -> int:
+    """The output layer and loss: the log-probabilities kept for backward (fp32), the logits and their fp32
+    copy while the loss is computed. Chunked (--loss-chunk), only a chunk's worth at a time, plus lm_head's
+    weight gradient computed in the same pass."""
+    rows = min(loss_chunk, tokens) if loss_chunk > 0 else tokens
+    return rows * c.vocab_size * (8 + dtype_bytes) + (c.vocab_size * c.n_embd * 4 if loss_chunk > 0 else 0)
+
+
+def plan_memory(cfg: TrainConfig, gpus: int, B: int, dtype_bytes: int) -> dict[str, int]:
+    """Bytes one GPU holds at its peak, by what they are."""
+    c, P = cfg.model_config(), cfg.model_config().num_parameters()
+    fsdp, accumulating = cfg.shard == "fsdp", cfg.total_batch_size > B * cfg.seq_len * gpus
+    n = gpus if fsdp else 1  # FSDP splits the model states over the GPUs
+    block = 12 * c.n_embd ** 2 + 13 * c.n_embd
+    parts = {"weights (fp32)": 4 * P // n, "gradients (fp32)": 4 * P // n, "AdamW state (fp32 m, v)": 8 * P // n}
+    if fsdp:  # the root unit (embeddings, ln_f) and two blocks (this one, the next prefetched) gathered
+        parts["gathered weights"] = dtype_bytes * (c.vocab_size * c.n_embd + c.block_size * c.n_embd + 2 * block)
+        parts["whole gradients between micro-steps"] = 4 * P if accumulating else 0
+    else:
+        parts["DDP's gradient buckets"] = 4 * P if gpus > 1 else 0
+        parts["autocast's weight copies"] = 2 * P if dtype_bytes == 2 else 0
+    tokens = B * cfg.seq_len
+    parts["activations"] = saved_activation_bytes(c, tokens, dtype_bytes, cfg.activation_checkpointing)
+    parts["logits and loss"] = logits_bytes(c, tokens, dtype_bytes, cfg.loss_chunk)
+    parts["CUDA context and workspaces (assumed)"] = int(CUDA_ALLOWANCE_GIB * GIB)
+    return parts
+
+
+def largest_micro_batch(cfg: TrainConfig, gpus: int, memory: float, dtype_bytes: int) -> int | None:
+    """The largest micro-batch that fits and divides the total batch (accumulation computed); None if none."""
+    per_step = cfg.total_batch_size // (cfg.seq_len * gpus)
+    fits = [b for b in range(1, per_step + 1) if per_step % b == 0
+            and sum(plan_memory(cfg, gpus, b, dtype_bytes).values()) <= memory]
+    return max(fits) if fits else None
+
+
+def plan_report(cfg: TrainConfig, plan: PlanConfig) -> list[str]:
+    """The plan, as printed."""
+    c, gpus = cfg.model_config(), plan.gpus
+    memory = (plan.gpu_memory or GPU_MEMORY_GIB[plan.gpu]) * GIB
+    dtype_bytes = 4 if cfg.dtype == "float32" else 2  # auto: bf16 (or fp16) on CUDA
+    parts = plan_memory(cfg, gpus, cfg.micro_batch_size, dtype_bytes)
+    total, accum = sum(parts.values()), cfg.total_batch_size // (cfg.micro_batch_size * cfg.seq_len * gpus)
+    lines = [f"{c.num_parameters():,} parameters ({c.n_layer} layers, {c.n_head} heads, {c.n_embd} wide) on {gpus} x "
+             f"{plan.gpu} ({memory / GIB:.0f} GiB) | --shard {cfg.shard} | activation checkpointing "
+             f"{'on' if cfg.activation_checkpointing else 'off'} | {'fp32' if dtype_bytes == 4 else 'bf16'} autocast",
+             f"micro-batch {cfg.micro_batch_size} x {cfg.seq_len} tokens, gradient accumulation {accum}", "per GPU:"]
+    lines += [f"  {name:<40} {v / GIB:8.2f} GiB" for name, v in parts.items() if v]
+    verdict = "fits" if total <= memory else "does NOT fit"
+    lines.append(f"  {'total':<40} {total / GIB:8.2f} GiB of {memory / GIB:.0f}: {verdict}")
+    best = largest_micro_batch(cfg, gpus, memory, dtype_bytes)
+    lines.append(f"largest micro-batch that fits: {best}" if best else "no micro-batch fits: add --shard fsdp, "
+                 "--activation-checkpointing, --loss-chunk 8192 or GPUs")
+    return lines + plan_cost(cfg, plan)
+
+
+def plan_cost(cfg: TrainConfig, plan: PlanConfig) -> list[str]:
+    tokens = cfg.max_steps * cfg.total_batch_size
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in plan.gpu.replace("-", " ")), None)
+    peak = peak / 2 if peak and cfg.dtype == "float32" else peak  # TF32
+    if plan.tokens_per_sec:
+        speed, source = plan.tokens_per_sec, "measured (--tokens-per-sec)"
+    elif peak:
+        speed = plan.mfu * peak * plan.gpus / flops_per_token(cfg.model_config(), cfg.seq_len)
+        source = f"assumed: {plan.mfu:.0%} MFU of {peak / 1e12:.0f} TFLOP/s a GPU (--mfu; or --tokens-per-sec)"
+    else:
+        return [f"run: {cfg.max_steps:,} steps x {cfg.total_batch_size:,} tokens = {tokens / 1e9:.1f}B tokens; "
+                f"time and cost: pass --tokens-per-sec (no peak FLOP/s known for {plan.gpu})"]
+    hours = tokens / speed / 3600
+    return [f"run: {cfg.max_steps:,} steps x {cfg.total_batch_size:,} tokens = {tokens / 1e9:.1f}B tokens",
+            f"at {speed:,.0f} tokens/s ({source}): {hours:,.1f} hours, {hours * plan.gpus:,.0f} GPU-hours, "
+            f"${hours * plan.gpus * plan.price:,.0f} at ${plan.price:.2f} a GPU-hour (--price)"]
+
+
+def plan_main(argv: list[str]) -> None:
+    p = build_train_parser()
+    p.prog, p.description = "train_gpt2.py plan", "What a training run's configuration needs per GPU, and costs."
+    p.epilog = f"GPUs (--gpu): {', '.join(f'{k} {v} GiB' for k, v in GPU_MEMORY_GIB.items())}. " + p.epilog
+    add_dataclass_flags(p, PlanConfig, extra={"gpu": dict(choices=sorted(GPU_MEMORY_GIB))})
+    names = {f.name for f in dataclasses.fields(PlanConfig)}
+    args = vars(p.parse_args(argv))
+    plan = PlanConfig(**{k: args.pop(k) for k in names})
+    cfg = train_config(args)
+    if plan.gpus < 1 or cfg.total_batch_size % (cfg.micro_batch_size * cfg.seq_len * plan.gpus):
+        raise TrainError(f"--total-batch-size {cfg.total_batch_size} is not divisible by micro-batch x seq-len x "
+                         f"{plan.gpus} GPUs: change one of them")
+    print("\n".join(plan_report(cfg, plan)))
+
+
+# -----------------------------------------------------------------------------
+# Command line: train (default), sample, export, plan
 
 
 def sample_main(argv: list[str]) -> None:
@@ -1147,7 +1296,7 @@ def export_main(argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
-    commands = {"sample": sample_main, "export": export_main}
+    commands = {"sample": sample_main, "export": export_main, "plan": plan_main}
     try:
         if argv and argv[0] in commands:
             commands[argv[0]](argv[1:])

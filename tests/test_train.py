@@ -367,8 +367,8 @@ def test_mfu_formula_and_peaks(monkeypatch):
     model = gpt2.GPT(gpt2.GPTConfig(vocab_size=50304))  # GPT-2 124M as trained here
     n = sum(p.numel() for p in model.parameters())  # the tied matrix once, padded rows included
     L, C, T = 12, 768, 1024
-    assert n == 124_475_904 and tg.flops_per_token(model, T) == 6 * n + 6 * L * C * T == 803_478_528
-    assert 677_000 * tg.flops_per_token(model, T) / 989e12 == pytest.approx(0.55, abs=5e-4)  # the 55% MFU target
+    assert n == 124_475_904 and tg.flops_per_token(model.config, T) == 6 * n + 6 * L * C * T == 803_478_528
+    assert 677_000 * tg.flops_per_token(model.config, T) / 989e12 == pytest.approx(0.55, abs=5e-4)  # 55% MFU target
     assert tg.peak_flops("cpu") is None
     for name, peak in [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
                        ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("Tesla V100-SXM2-16GB", None)]:
