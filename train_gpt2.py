@@ -821,7 +821,8 @@ def open_resume(cfg: TrainConfig, world_size: int) -> tuple[dict | None, Path | 
                          f"this run {cfg.init_from}")
     if ckpt["world_size"] != world_size:
         raise TrainError(f"--resume: the checkpoint was written by {ckpt['world_size']} rank(s), this run has "
-                         f"{world_size}: resume with the same number of processes")
+                         f"{world_size}: resume with the same number of processes (the data position and RNG "
+                         "are per rank; --shard may change)")
     return ckpt, path
 
 
