@@ -611,7 +611,7 @@ class GPT(nn.Module):
         for i, block in enumerate(self.transformer.h):
             if self.activation_checkpointing and kv_cache is None and torch.is_grad_enabled():
                 # keep only the block's input; backward runs the block again for the rest
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, use_reentrant=False, preserve_rng_state=False)  # no dropout
             else:
                 x = block(x, kv_cache, i)
         if kv_cache is not None:

@@ -146,7 +146,7 @@ PRESETS = {
     "gpt2-large": dict(  # 774M: 286,102 steps of 2**19 tokens = 150B tokens of FineWeb sample-100BT
         n_layer=36, n_head=20, n_embd=1280, micro_batch_size=32, max_lr=2.5e-4, warmup_steps=700, min_lr_ratio=0.0,
         max_steps=286102, data=str(dataset_dir("fineweb100B")), log_dir="log_gpt2-large"),
-    "gpt2-xl": dict(  # 1.5B: 32,000 steps of 2**20 tokens = 33.5B tokens of FineWeb-Edu sample-100BT
+    "gpt2-xl": dict(  # 1.5B: 32,000 steps of 2**20 tokens = 33.55B tokens of FineWeb-Edu sample-100BT
         n_layer=48, n_head=25, n_embd=1600, total_batch_size=1048576, micro_batch_size=16, max_lr=6e-4,
         warmup_steps=700, max_steps=32000, data=str(dataset_dir("edu_fineweb100B")), log_dir="log_gpt2-xl"),
     # the quick start, ~2 minutes on a 2-core laptop CPU. Each token costs about the same whatever the width,
@@ -432,15 +432,23 @@ def get_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int, max_steps
 # under DDP, so a run can change from one to the other on resume.
 
 
-def shard_model(model: GPT, dist: Dist, autocast_dtype: torch.dtype | None) -> None:
-    """fully_shard each block, then the root (in place). The weights are all-gathered in the autocast dtype
-    (half the traffic of fp32); the fp32 master weights stay sharded and gradients are reduced in fp32."""
+def shard_model(model: GPT, dist: Dist, use_compile: bool) -> None:
+    """fully_shard each block, then the root (in place). Master weights and gradient reduction are fp32; the
+    weights are gathered in fp32 too, and autocast casts them for the matmuls exactly as under DDP: the same
+    numerics (bf16 matmuls, fp32 residual stream and LayerNorms). Gathering in bf16 (param_dtype) would halve
+    the traffic, but would also round the LayerNorm weights and cast every block's input, putting the
+    residual stream in bf16.
+
+    With compile, each block's forward is compiled before it is sharded: FSDP's hooks then run around the
+    compiled code (a whole-model compile would break its graph at every hook and fall back to eager)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(dist.device_type, (dist.world_size,))
-    policy = MixedPrecisionPolicy(param_dtype=autocast_dtype, reduce_dtype=torch.float32)
+    policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
     for block in model.transformer.h:
+        if use_compile:
+            block.forward = torch.compile(block.forward)  # names and state dict unchanged
         fully_shard(block, mesh=mesh, mp_policy=policy)
     # the root's weights are needed again at once by the backward pass: kept gathered after the forward
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
@@ -646,13 +654,18 @@ PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12, 
                    "V100": 125e12, "T4": 65e12}  # fp16: these have no bf16
 
 
+def peak_for_name(name: str, bf16: bool = True) -> float | None:
+    """Peak matmul FLOP/s of a GPU by its name: bf16 (fp16) tensor cores, or TF32 for fp32 matmuls (half of
+    that; None before Ampere, which has no TF32). None when unknown."""
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    if peak is None or bf16:
+        return peak
+    return None if any(old in name for old in ("V100", "T4")) else peak / 2
+
+
 def peak_flops(device: str, bf16: bool = True) -> float | None:
     """Peak matmul FLOP/s of the GPU that MFU is measured against; None when unknown (or not a GPU)."""
-    if not device.startswith("cuda"):
-        return None
-    name = torch.cuda.get_device_name(device)
-    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-    return peak if peak is None or bf16 else peak / 2
+    return peak_for_name(torch.cuda.get_device_name(device), bf16) if device.startswith("cuda") else None
 
 
 def peak_memory_gib(device: str) -> float:
@@ -883,18 +896,17 @@ def load_hellaswag(cfg: TrainConfig, dist: Dist, block_size: int) -> list[dict]:
     return examples
 
 
-def wrap_model(raw_model: GPT, cfg: TrainConfig, dist: Dist,
-               autocast_dtype: torch.dtype | None) -> tuple[nn.Module, nn.Module, bool]:
+def wrap_model(raw_model: GPT, cfg: TrainConfig, dist: Dist) -> tuple[nn.Module, nn.Module, bool]:
     """(compiled, model): raw_model (sharded in place under fsdp) compiled with --compile (default: on
     CUDA), then wrapped in DDP for several ranks under ddp; and whether it was compiled."""
     raw_model.activation_checkpointing = cfg.activation_checkpointing
-    if cfg.shard == "fsdp":
-        shard_model(raw_model, dist, autocast_dtype)  # cut on the CPU: only this rank's shards go to the device
-    else:
-        raw_model.to(dist.device)
     use_compile = cfg.compile if cfg.compile is not None else dist.device_type == "cuda"
+    if cfg.shard == "fsdp":  # cut on the CPU: only this rank's shards go to the device; blocks compiled inside
+        shard_model(raw_model, dist, use_compile)
+        return raw_model, raw_model, use_compile
+    raw_model.to(dist.device)
     compiled = torch.compile(raw_model) if use_compile else raw_model
-    if dist.world_size == 1 or cfg.shard == "fsdp":
+    if dist.world_size == 1:
         return compiled, compiled, use_compile
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -926,7 +938,7 @@ def setup(cfg: TrainConfig, dist: Dist) -> Run:
     train_loader, val_loader = open_data(cfg, dist, need_eval, raw_model.config.vocab_size)
     hella = on_every_rank(lambda: load_hellaswag(cfg, dist, raw_model.config.block_size),
                           dist, others("load HellaSwag")) if need_eval and cfg.hellaswag else None
-    compiled, model, use_compile = wrap_model(raw_model, cfg, dist, autocast_dtype)
+    compiled, model, use_compile = wrap_model(raw_model, cfg, dist)
     optimizer = configure_optimizer(raw_model, cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), cfg.eps,
                                     dist.device_type)  # after sharding: it must hold the sharded parameters
     run = Run(cfg, dist, raw_model, compiled, model, optimizer, loss_scaler(autocast_dtype, cfg, dist), train_loader,
@@ -965,6 +977,14 @@ def validation_loss(run: Run) -> torch.Tensor:
     return total
 
 
+def hellaswag_counts(run: Run) -> torch.Tensor:
+    """This rank's share of HellaSwag: (correct, correct by acc_norm, total); zeros without HellaSwag."""
+    if run.hella_examples is None:
+        return torch.zeros(3, device=run.dist.device)
+    return hellaswag.count_correct(run.raw_model, run.hella_examples, run.dist.device, rank=run.dist.rank,
+                                   world_size=run.dist.world_size, autocast_dtype=run.autocast_dtype)
+
+
 def evaluate(run: Run, step: int) -> None:
     """Each rank does its share, then one collective sums the results with whether any rank failed: a
     failure on one rank (out of memory in a HellaSwag batch, ...) stops every rank, none waits for it."""
@@ -973,11 +993,11 @@ def evaluate(run: Run, step: int) -> None:
     try:
         with gathered(run.raw_model):  # under fsdp: each rank's forwards are its own, no collective inside
             local[0] = validation_loss(run)
-            if run.hella_examples is not None:
-                local[1:] = hellaswag.count_correct(run.raw_model, run.hella_examples, dist.device, rank=dist.rank,
-                                                    world_size=dist.world_size, autocast_dtype=run.autocast_dtype)
-            if cfg.sample.num_samples > 0:
-                texts = sample_text(run.raw_model, cfg.sample, seed=42 + dist.rank, device=dist.device)
+            # HellaSwag and samples, whose shapes vary, run eagerly (under fsdp the blocks are compiled in place)
+            with torch.compiler.set_stance("force_eager"):
+                local[1:] = hellaswag_counts(run)
+                texts = sample_text(run.raw_model, cfg.sample, seed=42 + dist.rank, device=dist.device) \
+                    if cfg.sample.num_samples > 0 else []
     except Exception as e:  # every rank must hear of it, or the others would wait in the collective below
         error = e
     total = all_reduce_or_raise(local, error, dist, TrainError(f"step {step}: another rank failed in evaluation "
@@ -1033,7 +1053,7 @@ def grad_sync(run: Run, sync: bool):
     return nullcontext() if sync or run.dist.world_size == 1 else run.model.no_sync()
 
 
-def backward(run: Run, step: int, stop: StopSignal) -> torch.Tensor:
+def backward(run: Run, stop: StopSignal) -> torch.Tensor:
     """Forward and backward over grad_accum micro-batches; the gradients and, on the device, [the mean loss,
     the stop request, the gradient norm] (clipped after, and unscaled first under float16)."""
     cfg, device = run.cfg, run.dist.device
@@ -1067,7 +1087,7 @@ def train_step(run: Run, step: int, stop: StopSignal) -> dict:
     cfg, dist = run.cfg, run.dist
     t0 = time.perf_counter()
     run.optimizer.zero_grad(set_to_none=True)
-    stats = backward(run, step, stop)
+    stats = backward(run, stop)
     lr = get_lr(step, cfg.max_lr, cfg.max_lr * cfg.min_lr_ratio, cfg.warmup_steps, cfg.max_steps)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
@@ -1191,12 +1211,13 @@ def plan_memory(cfg: TrainConfig, gpus: int, B: int, dtype_bytes: int) -> dict[s
     n = gpus if fsdp else 1  # FSDP splits the model states over the GPUs
     block = 12 * c.n_embd ** 2 + 13 * c.n_embd
     parts = {"weights (fp32)": 4 * P // n, "gradients (fp32)": 4 * P // n, "AdamW state (fp32 m, v)": 8 * P // n}
-    if fsdp:  # the root unit (embeddings, ln_f) and two blocks (this one, the next prefetched) gathered
-        parts["gathered weights"] = dtype_bytes * (c.vocab_size * c.n_embd + c.block_size * c.n_embd + 2 * block)
+    if fsdp:  # gathered (fp32): the root unit (embeddings, ln_f) and two blocks (this one and the next,
+        root = c.vocab_size * c.n_embd + c.block_size * c.n_embd + 2 * c.n_embd  # prefetched); the root's
+        parts["gathered weights, the root's gradients"] = 4 * (2 * root + 2 * block)  # gradients before reduction
         parts["whole gradients between micro-steps"] = 4 * P if accumulating else 0
     else:
         parts["DDP's gradient buckets"] = 4 * P if gpus > 1 else 0
-        parts["autocast's weight copies"] = 2 * P if dtype_bytes == 2 else 0
+    parts["autocast's weight copies"] = 2 * P if dtype_bytes == 2 else 0  # bf16 casts kept for the backward pass
     tokens = B * cfg.seq_len
     parts["activations"] = saved_activation_bytes(c, tokens, dtype_bytes, cfg.activation_checkpointing)
     parts["logits and loss"] = logits_bytes(c, tokens, dtype_bytes, cfg.loss_chunk)
@@ -1217,11 +1238,12 @@ def plan_report(cfg: TrainConfig, plan: PlanConfig) -> list[str]:
     c, gpus = cfg.model_config(), plan.gpus
     memory = (plan.gpu_memory or GPU_MEMORY_GIB[plan.gpu]) * GIB
     dtype_bytes = 4 if cfg.dtype == "float32" else 2  # auto: bf16 (or fp16) on CUDA
+    dtype = {"auto": "bf16", "bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[cfg.dtype]
     parts = plan_memory(cfg, gpus, cfg.micro_batch_size, dtype_bytes)
     total, accum = sum(parts.values()), cfg.total_batch_size // (cfg.micro_batch_size * cfg.seq_len * gpus)
     lines = [f"{c.num_parameters():,} parameters ({c.n_layer} layers, {c.n_head} heads, {c.n_embd} wide) on {gpus} x "
              f"{plan.gpu} ({memory / GIB:.0f} GiB) | --shard {cfg.shard} | activation checkpointing "
-             f"{'on' if cfg.activation_checkpointing else 'off'} | {'fp32' if dtype_bytes == 4 else 'bf16'} autocast",
+             f"{'on' if cfg.activation_checkpointing else 'off'} | {dtype} autocast",
              f"micro-batch {cfg.micro_batch_size} x {cfg.seq_len} tokens, gradient accumulation {accum}", "per GPU:"]
     lines += [f"  {name:<40} {v / GIB:8.2f} GiB" for name, v in parts.items() if v]
     verdict = "fits" if total <= memory else "does NOT fit"
@@ -1234,8 +1256,7 @@ def plan_report(cfg: TrainConfig, plan: PlanConfig) -> list[str]:
 
 def plan_cost(cfg: TrainConfig, plan: PlanConfig) -> list[str]:
     tokens = cfg.max_steps * cfg.total_batch_size
-    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in plan.gpu.replace("-", " ")), None)
-    peak = peak / 2 if peak and cfg.dtype == "float32" else peak  # TF32
+    peak = peak_for_name(plan.gpu.replace("-", " "), bf16=cfg.dtype != "float32")
     if plan.tokens_per_sec:
         speed, source = plan.tokens_per_sec, "measured (--tokens-per-sec)"
     elif peak:
@@ -1259,9 +1280,9 @@ def plan_main(argv: list[str]) -> None:
     args = vars(p.parse_args(argv))
     plan = PlanConfig(**{k: args.pop(k) for k in names})
     cfg = train_config(args)
-    if plan.gpus < 1 or cfg.total_batch_size % (cfg.micro_batch_size * cfg.seq_len * plan.gpus):
-        raise TrainError(f"--total-batch-size {cfg.total_batch_size} is not divisible by micro-batch x seq-len x "
-                         f"{plan.gpus} GPUs: change one of them")
+    if plan.gpus < 1 or not 0 < plan.mfu <= 1 or plan.price < 0 or (plan.gpu_memory or 1) <= 0:
+        raise TrainError("--gpus, --gpu-memory and --price take positive numbers, --mfu a fraction in (0, 1]")
+    check_batch(cfg, plan.gpus)  # the training run's own checks: divisibility, fsdp on one GPU, ...
     print("\n".join(plan_report(cfg, plan)))
 
 

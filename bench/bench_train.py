@@ -107,8 +107,8 @@ def run_config(train_args: list[str], warmup: int, steps: int, cuda: bool) -> di
     # tokens/s and MFU from the median step time (with an even count, medians of tokens/s would not match it)
     step_s = statistics.median(dt for dt, _, _ in timed)
     tok_s = cfg.micro_batch_size * cfg.seq_len / step_s
-    _, tok_s0, mfu0 = timed[0]
-    mfu = tok_s * mfu0 / tok_s0 if mfu0 is not None else None  # MFU is proportional to tokens/s
+    dt0, _, mfu0 = timed[0]
+    mfu = mfu0 * dt0 / step_s if mfu0 is not None else None  # MFU is inversely proportional to the step time
     if cuda:
         peak = torch.cuda.max_memory_allocated() / 2**30
     else:  # Linux reports ru_maxrss in KiB

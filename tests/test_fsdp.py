@@ -129,6 +129,29 @@ def test_checkpoints_cross_between_ddp_and_fsdp(sharded_runs):
     assert "compile True" in logs["ddp_to_fsdp"]
 
 
+def launch(args: list[str], **env: str) -> subprocess.CompletedProcess:
+    """train_gpt2.py under a 2-rank torchrun, with extra environment variables."""
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(REPO / "train_gpt2.py"), *args], capture_output=True, text=True, cwd=REPO, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def test_fsdp_in_bf16_keeps_ddps_precision_and_compiles_its_blocks(shards, tmp_path):
+    # the residual stream and LayerNorms stay fp32 under fsdp as under DDP's autocast: same losses up to the
+    # ranks' reduction order (gathering weights in bf16 and casting block inputs differed by 2e-3 at step 5)
+    args = lambda d, *x: tiny_args(shards, d, "--dtype", "bfloat16", "--n-layer", "3", *x, B=2, total=128, steps=6)
+    launch(args(tmp_path / "ddp", "--shard", "ddp"))
+    launch(args(tmp_path / "fsdp", "--shard", "fsdp"))
+    a, b = read_log(tmp_path / "fsdp"), read_log(tmp_path / "ddp")
+    assert a["train"] == pytest.approx(b["train"], rel=1e-4) and a["val"] == pytest.approx(b["val"], rel=1e-4)
+    # compiled under fsdp: each block's forward is one graph (the three blocks share it), FSDP's hooks around it
+    out = launch(args(tmp_path / "compiled", "--shard", "fsdp", "--compile", "--eval-interval", "0",
+                      "--dtype", "float32"), TORCH_LOGS="graph_code,graph_breaks")
+    assert out.stderr.count("TRACED GRAPH") == 2 and "Graph break" not in out.stderr  # one per rank
+
+
 def test_fsdp_lowers_peak_memory_per_rank(tmp_path):
     """Measured: each rank's peak resident memory, a 51M-parameter model (16 bytes a parameter under ddp:
     weights, gradients, AdamW's two moments; about half of that per rank under fsdp on 2 ranks)."""

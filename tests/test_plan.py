@@ -160,4 +160,10 @@ def test_plan_errors_and_measured_speed(capsys):
     assert "pass --tokens-per-sec (no peak FLOP/s known for RTX-4090)" in out
     with pytest.raises(SystemExit):
         plan("--gpus", "3", capsys=capsys)
-    assert "not divisible by micro-batch x seq-len x 3 GPUs" in capsys.readouterr().err
+    assert "x 3 ranks = 196608: change one of them" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # as training refuses it
+        plan("--shard", "fsdp", "--gpus", "1", capsys=capsys)
+    assert "--shard fsdp splits the model over ranks" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        plan("--mfu", "1.5", capsys=capsys)
+    assert "--mfu a fraction in (0, 1]" in capsys.readouterr().err

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ["env", "train", "sample", "hellaswag", "export", "resume", "bench_train", "bench_hellaswag",
-          "bench_generate"]
+STAGES = ["env", "train", "sample", "hellaswag", "export", "resume", "float16_ac", "fsdp", "bench_train",
+          "bench_hellaswag", "bench_generate"]
 
 
 def test_smoke_script_runs_every_stage_on_the_cpu(tmp_path):
@@ -27,5 +27,6 @@ def test_smoke_script_runs_every_stage_on_the_cpu(tmp_path):
     assert "resuming from" in text and "at step 12" in text
     assert re.search(r"^hellaswag val: 24 examples \| acc [\d.]+ \| acc_norm [\d.]+$", text, re.M)
     assert (tmp_path / "smoke" / "hf" / "model.safetensors").is_file()
-    assert re.search(r"^\| 4 \| off \| 64 \| [\d.]+ \| [\d.]+x \|", text, re.M)  # the chunked loss, beside chunk 0
+    assert re.search(r"^\| 4 \| off \| 64 \| ddp \| off \| auto \| [\d.]+ \| [\d.]+x \|", text, re.M)  # chunked loss
+    assert re.search(r"^peak memory per rank [\d.]+, [\d.]+ GiB \(resident\)$", text, re.M)  # the fsdp stage
     assert "same predictions: acc 100%, acc_norm 100%" in text and "same tokens both ways: yes" in text
