@@ -848,6 +848,7 @@ def check_batch(cfg: TrainConfig, world_size: int) -> int:
 
 
 def check_spike_guard(cfg: TrainConfig) -> None:
+    """--spike-guard's flags (checked only when it is on: they mean nothing otherwise)."""
     if not cfg.spike_guard:
         return
     if cfg.checkpoint_interval <= 0:
