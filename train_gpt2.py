@@ -20,8 +20,10 @@ import math
 import os
 import re
 import signal
+import statistics
 import sys
 import time
+from collections import deque
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,6 +119,10 @@ class TrainConfig:
     checkpoint_interval: int = 5000  # write a checkpoint every this many steps, and at the last step (0: last only)
     resume: str | None = None  # continue a run: alone, the newest checkpoint in --log-dir; or a checkpoint's path
     stop_after_step: int | None = None  # checkpoint and exit after this step, as if preempted (fixed-length jobs)
+    spike_guard: bool = False  # a loss far above its recent ones: rewind to the newest checkpoint, skip its batches
+    spike_threshold: float = 8.0  # a spike: loss > median + this x robust std (MAD x 1.4826) of --spike-window losses
+    spike_window: int = 100  # the recent losses a step is compared with; no check until there are this many
+    max_rewinds: int = 3  # --spike-guard stops the run at the spike after this many rewinds
     wandb: str | None = None  # also log to this Weights & Biases project (pip install wandb; WANDB_MODE=offline)
     tensorboard: bool = False  # also write TensorBoard event files into --log-dir (pip install tensorboard)
     # system
@@ -491,6 +497,20 @@ def shard_optimizer_state(state: dict, optimizer: torch.optim.Optimizer) -> dict
     return {**state, "state": {i: {k: shard(v, params[i]) for k, v in s.items()} for i, s in state["state"].items()}}
 
 
+def load_weights(model: nn.Module, weights: dict) -> None:
+    """Whole weights (a checkpoint's) copied into the model's parameters in place, so that the optimizer and the
+    DDP / compiled wrappers keep holding them; under fsdp each rank copies in its own shard."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    with torch.no_grad():
+        for name, p in model.state_dict(keep_vars=True).items():  # the tied matrix twice: harmless
+            w = weights[name].to(p.device)
+            if isinstance(p, DTensor):  # src None: each rank cuts its own piece, no communication
+                w = distribute_tensor(w, p.device_mesh, p.placements, src_data_rank=None).to_local()
+                p = p.to_local()
+            p.copy_(w)
+
+
 @contextmanager
 def gathered(model: nn.Module):
     """Under FSDP, every weight gathered on every rank for the duration, and no collective in the forward
@@ -589,6 +609,7 @@ class Metrics:
         "tokens_per_sec": (".1f", "tok/sec {:,.0f}"),
         "mfu": (".4f", "mfu {:.1%}"),
         "skipped": ("g", "gradients overflowed float16: step skipped, loss scale now {:g}"),  # the new scale
+        "spike": (".6f", "loss {:.6f} is a spike"),  # --spike-guard: the loss of a step it undid
     }
 
     def __init__(self, cfg: TrainConfig, dist: Dist, start_step: int):
@@ -720,6 +741,7 @@ class Run:
     flops_per_token: int
     peak_flops: float | None
     metrics: Metrics | None = None
+    spike_guard: SpikeGuard | None = None  # --spike-guard's
     start_step: int = 0
     val_loss: float | None = None
 
@@ -781,14 +803,20 @@ def save_run(run: Run, step: int) -> Path | None:
     state = lambda: {**model_entries(run.raw_model, weights), "optimizer": optimizer, "step": step,
                      "val_loss": run.val_loss, "loader": run.train_loader.state_dict(), "rng": rng,
                      "args": dataclasses.asdict(run.cfg), "world_size": run.dist.world_size,
-                     "scaler": run.scaler.state_dict() if run.scaler is not None else None}
+                     "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+                     "spike_guard": run.spike_guard.state_dict() if run.spike_guard is not None else None}
     rank_0_first(lambda: save_checkpoint(path, state()), run.dist,
                  TrainError(f"rank 0 could not write {path} (see its error)"))
+    if run.spike_guard is not None:  # every rank knows where a rewind goes
+        run.spike_guard.checkpoint = path
     return path if run.dist.master else None
 
 
-def restore_run(run: Run, ckpt: dict) -> None:
-    """save_run's counterpart (the model was built from the checkpoint, and checked by open_resume)."""
+def restore_run(run: Run, ckpt: dict, weights: bool = False) -> None:
+    """save_run's counterpart. On resume the model was built from the checkpoint (and checked by open_resume);
+    a rewind of --spike-guard (weights) copies the checkpoint's weights into the running model."""
+    if weights:
+        load_weights(run.raw_model, ckpt["model"])
     optimizer = ckpt["optimizer"]
     if is_sharded(run.raw_model):
         optimizer = shard_optimizer_state(optimizer, run.optimizer)
@@ -801,6 +829,8 @@ def restore_run(run: Run, ckpt: dict) -> None:
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and run.dist.device_type == "cuda":
         torch.cuda.set_rng_state(rng["cuda"], run.dist.device)
+    if run.spike_guard is not None:  # a checkpoint of an unguarded run: the guard's history starts empty
+        run.spike_guard.load_state_dict(ckpt.get("spike_guard") or {"losses": [], "rewinds": 0})
 
 
 def _differences(saved: dict, current: dict) -> str:
@@ -856,6 +886,21 @@ def check_batch(cfg: TrainConfig, world_size: int) -> int:
         raise TrainError("--shard fsdp splits the model over ranks: launch with torchrun --nproc_per_node N "
                          "(N >= 2), or use --shard ddp in one process")
     return cfg.total_batch_size // (B * T * world_size)
+
+
+def check_spike_guard(cfg: TrainConfig) -> None:
+    """--spike-guard's flags (checked only when it is on: they mean nothing otherwise)."""
+    if not cfg.spike_guard:
+        return
+    if cfg.checkpoint_interval <= 0:
+        raise TrainError("--spike-guard rewinds to the newest checkpoint: give a --checkpoint-interval N > 0 "
+                         "(the steps a rewind redoes, at most N)")
+    if not cfg.spike_threshold > 0:
+        raise TrainError(f"--spike-threshold {cfg.spike_threshold}: give a number of deviations > 0 (e.g. 8)")
+    if cfg.spike_window < 3:
+        raise TrainError(f"--spike-window {cfg.spike_window}: the median and its deviation need 3 losses or more")
+    if cfg.max_rewinds < 0:
+        raise TrainError(f"--max-rewinds {cfg.max_rewinds}: give 0 (stop at the first spike) or more")
 
 
 def build_model(cfg: TrainConfig, ckpt: dict | None) -> GPT:
@@ -930,6 +975,7 @@ def setup(cfg: TrainConfig, dist: Dist) -> Run:
     """Check everything, build everything, resume if asked: the run, ready for its first step."""
     torch.manual_seed(cfg.seed)
     grad_accum = check_batch(cfg, dist.world_size)
+    check_spike_guard(cfg)
     autocast_dtype = setup_precision(cfg.dtype, dist.device_type)
     others = lambda what: TrainError(f"another rank could not {what} (see its error)")
     ckpt, ckpt_path = on_every_rank(lambda: open_resume(cfg, dist.world_size), dist, others("read the checkpoint"))
@@ -944,6 +990,7 @@ def setup(cfg: TrainConfig, dist: Dist) -> Run:
     run = Run(cfg, dist, raw_model, compiled, model, optimizer, loss_scaler(autocast_dtype, cfg, dist), train_loader,
               val_loader, hella, autocast_dtype, grad_accum, flops_per_token(raw_model.config, cfg.seq_len),
               peak_flops(dist.device, bf16=autocast_dtype is not None))  # fp32 matmuls: TF32
+    run.spike_guard = SpikeGuard(cfg.spike_threshold, cfg.spike_window, ckpt_path) if cfg.spike_guard else None
     if ckpt is not None:
         restore_run(run, ckpt)
         del ckpt  # every rank holds it in host memory: model + Adam state, 1.5 GB at 124M, 18 GB for gpt2-xl
@@ -1111,19 +1158,92 @@ def train_step(run: Run, step: int, stop: StopSignal) -> dict:
 
 
 # -----------------------------------------------------------------------------
+# Spike guard (--spike-guard): a step whose loss jumps far above its recent ones is undone. Every rank goes back
+# to the newest checkpoint, then on with the data that follows the spiked step: the batches since the checkpoint,
+# the culprits among them, are never trained on again, and the schedule rewinds with the step. Long runs spike
+# (llm.c's GPT-2 1.5B did); the reference run has no guard, so it is off unless asked for.
+
+
+class SpikeGuard:
+    """The recent losses and the rewinds so far: plain data in every checkpoint, so that a resumed run decides
+    as the uninterrupted one would have (and counts its rewinds towards --max-rewinds).
+
+    A spike is a loss above median + threshold x 1.4826 x MAD of the last `window` losses (MAD: the median
+    absolute deviation; x 1.4826 it is the standard deviation of normal noise). Median and MAD, not mean and
+    standard deviation, which the steep fall of the first steps, or a spike, would inflate. A falling loss stays
+    below its window's median, and nothing is checked until the window is full, so the first steps never trigger
+    it. The scale is at least 1% of the median: on a plateau whose losses differ by 1e-4 a harmless wobble would
+    otherwise count as many deviations.
+    """
+
+    def __init__(self, threshold: float, window: int, checkpoint: Path | None = None):
+        self.threshold, self.losses, self.rewinds = threshold, deque(maxlen=window), 0
+        self.checkpoint = checkpoint  # where a rewind goes: the newest checkpoint this run wrote or resumed from
+
+    def check(self, loss: float) -> str | None:
+        """None for a normal loss, which joins the history; for a spike, why it is one (and it does not join)."""
+        if len(self.losses) == self.losses.maxlen:
+            median = statistics.median(self.losses)
+            mad = statistics.median(abs(x - median) for x in self.losses)
+            limit = median + self.threshold * max(1.4826 * mad, 0.01 * abs(median))
+            if loss > limit:
+                return f"above {limit:.4f} (median {median:.4f} of the last {len(self.losses)} losses)"
+        self.losses.append(loss)
+        return None
+
+    def state_dict(self) -> dict:
+        return {"losses": list(self.losses), "rewinds": self.rewinds}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.losses.clear()
+        self.losses.extend(state["losses"])  # the newest --spike-window of them, if it changed
+        self.rewinds = state["rewinds"]
+
+
+def rewind(run: Run, step: int, loss: float, why: str) -> int:
+    """Undo the steps since the newest checkpoint c, the spiked `step` the last of them: every rank loads c
+    (weights, optimizer, loss scale, RNG, the guard's losses), then moves the data to where it was after `step`.
+    Returns the step to go on from, c + 1. The ranks decide alike: they all see the same all-reduced loss."""
+    cfg, guard, metrics = run.cfg, run.spike_guard, run.metrics
+    metrics.log(step, spike=loss, note=why)
+    path = guard.checkpoint
+    if path is None:
+        raise TrainingDiverged(f"loss {loss:.4f} at step {step} is a spike, and there is no checkpoint to rewind to "
+                               "yet: stopping (a smaller --checkpoint-interval writes the first one sooner)")
+    if guard.rewinds >= cfg.max_rewinds:
+        raise TrainingDiverged(f"loss {loss:.4f} at step {step} is a spike after {guard.rewinds} rewind(s) "
+                               f"(--max-rewinds {cfg.max_rewinds}): stopping; its last checkpoint {path} is untouched")
+    data_after, rewinds = run.train_loader.state_dict(), guard.rewinds + 1
+    ckpt = on_every_rank(lambda: load_checkpoint(path), run.dist,
+                         TrainError(f"another rank could not read {path} to rewind to (see its error)"))
+    restore_run(run, ckpt, weights=True)
+    del ckpt
+    run.train_loader.load_state_dict(data_after)  # the batches of steps c+1..step: skipped
+    guard.rewinds = rewinds
+    c = run.start_step - 1
+    metrics.print(f"rewind {rewinds} of at most {cfg.max_rewinds}: back to {path} (step {c}), the batches of steps "
+                  f"{c + 1}..{step} skipped ({(step - c) * run.grad_accum} micro-batches per rank)")
+    return run.start_step
+
+
+# -----------------------------------------------------------------------------
 # The training loop
 
 
 def loop(run: Run, on_step=None) -> dict:
-    cfg, metrics = run.cfg, run.metrics
-    checkpoints, step = [], run.start_step - 1
+    cfg, metrics, guard = run.cfg, run.metrics, run.spike_guard
+    checkpoints, step, done = [], run.start_step, run.start_step - 1
     with StopSignal() as stop:
-        for step in range(run.start_step, cfg.max_steps):
+        while step < cfg.max_steps:
             last_step = step == cfg.max_steps - 1
             if cfg.eval_interval > 0 and (step % cfg.eval_interval == 0 or last_step):
                 evaluate(run, step)
 
             stats = train_step(run, step, stop)
+            why = guard.check(stats["loss"]) if guard is not None else None
+            if why is not None:  # before the step's checkpoint: a spiked step is never saved
+                step = rewind(run, step, stats["loss"], why)
+                continue
             metrics.log(step, train=stats["loss"], **{k: stats[k] for k in ("lr", "norm", "dt", "tokens_per_sec",
                                                                             "mfu", "skipped")})
 
@@ -1136,10 +1256,12 @@ def loop(run: Run, on_step=None) -> dict:
                     metrics.print(f"saved {path}")
             if on_step is not None:  # after the checkpoint: a callback may inspect (or break) the model
                 on_step(step, {**stats, "model": run.raw_model})
+            done = step
             if stopping:
                 metrics.print(f"stopped after step {step}; continue with --resume")
                 break
-    return {**metrics.history, "checkpoints": checkpoints, "step": step, "val_loss": run.val_loss}
+            step += 1
+    return {**metrics.history, "checkpoints": checkpoints, "step": done, "val_loss": run.val_loss}
 
 
 def train(cfg: TrainConfig, on_step=None) -> dict:
