@@ -371,10 +371,13 @@ def test_mfu_formula_and_peaks(monkeypatch):
     assert 677_000 * tg.flops_per_token(model.config, T) / 989e12 == pytest.approx(0.55, abs=5e-4)  # 55% MFU target
     assert tg.peak_flops("cpu") is None
     for name, peak in [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
-                       ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("Tesla V100-SXM2-16GB", None)]:
+                       ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA L4", None)]:
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
         assert tg.peak_flops("cuda:0") == peak, name
         assert tg.peak_flops("cuda:0", bf16=False) == (peak / 2 if peak else None), name  # TF32
+    for name, peak in [("Tesla V100-SXM2-16GB", 125e12), ("Tesla T4", 65e12)]:  # fp16 tensor cores, no TF32
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
+        assert tg.peak_flops("cuda:0") == peak and tg.peak_flops("cuda:0", bf16=False) is None, name
 
 
 def test_resume_keeps_the_optimizers_implementation():
