@@ -376,10 +376,11 @@ import eval_suite as es
 from gpt2 import GPT, GPTConfig, setup_distributed, teardown_distributed
 
 dist = setup_distributed("cpu")
+out = open(f"{sys.argv[2]}.{dist.rank}", "w")  # a file per rank: two ranks' lines on one pipe can interleave
 lm = es.GPTLM(GPT(GPTConfig(block_size=8, vocab_size=64, n_layer=1, n_head=1, n_embd=8)), dist)
 gathered = lm.all_gather(torch.tensor(10 + dist.rank))
 objects = lm.gather_object({"rank": dist.rank})
-print(f"rank {dist.rank}: {gathered.tolist()} {objects}", flush=True)
+print(f"rank {dist.rank}: {gathered.tolist()} {objects}", file=out, flush=True)
 
 def work():
     if dist.rank == int(sys.argv[1]):
@@ -390,7 +391,7 @@ def work():
 try:
     es.run_on_every_rank(work, dist)
 except Exception as e:
-    print(f"rank {dist.rank}: {type(e).__name__}: {e}", flush=True)
+    print(f"rank {dist.rank}: {type(e).__name__}: {e}", file=out, flush=True)
 teardown_distributed()
 """
 
@@ -401,9 +402,10 @@ def test_a_failure_on_one_rank_stops_every_rank(tmp_path):
     script = tmp_path / "ranks.py"
     script.write_text(RANKS_SCRIPT)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(script), "1"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+                        str(script), "1", str(tmp_path / "out")], cwd=REPO, env=_env(), capture_output=True, text=True,
+                       timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
-    lines = sorted(line for line in r.stdout.splitlines() if line.startswith("rank "))
+    lines = sorted(line for rank in (0, 1) for line in (tmp_path / f"out.{rank}").read_text().splitlines())
     assert lines == ["rank 0: OtherRankFailed: another rank failed (see its error)",
                      "rank 0: [10, 11] [{'rank': 0}, {'rank': 1}]",
                      "rank 1: ValueError: rank 1 broke", "rank 1: [10, 11] None"]
