@@ -473,16 +473,21 @@ def whole(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def whole_state(state: dict, keep: bool) -> dict:
+def whole_state(state: dict, keep: bool, errors: list) -> dict:
     """A state dict (the model's, or the optimizer's nested one) with every tensor gathered whole, one at a
-    time: on the CPU where keep (rank 0, for the checkpoint), dropped at once elsewhere (None)."""
+    time: on the CPU where keep (rank 0, for the checkpoint), dropped at once elsewhere (None). A copy that
+    fails (host memory) goes to errors and the gathers go on, so that no other rank waits in one forever."""
     out = {}
     for k, v in state.items():
         if isinstance(v, dict):
-            v = whole_state(v, keep)
+            v = whole_state(v, keep, errors)
         elif isinstance(v, torch.Tensor):
-            v = whole(v)  # every rank takes part in the gather
-            v = v.cpu() if keep else None
+            v = whole(v)  # every rank takes part in every gather
+            try:
+                v = v.cpu() if keep and not errors else None
+            except (RuntimeError, MemoryError) as e:
+                errors.append(e)
+                v = None
         out[k] = v
     return out
 
@@ -795,18 +800,23 @@ def save_run(run: Run, step: int) -> Path | None:
     rank 0 writes the checkpoint and returns its path. If the write fails (a full disk), every rank stops."""
     rng = _gather_rng_states(run.dist)
     path = checkpoint_path(run.cfg.log_dir, step)
-    weights, optimizer = run.raw_model.state_dict(), run.optimizer.state_dict()
+    weights, optimizer, errors = run.raw_model.state_dict(), run.optimizer.state_dict(), []
     if is_sharded(run.raw_model):  # whole on rank 0: the same checkpoint as DDP's
         del weights["lm_head.weight"]  # tied to wte: gathered once, and saved once as torch.save does for DDP
-        weights, optimizer = whole_state(weights, run.dist.master), whole_state(optimizer, run.dist.master)
+        master = run.dist.master
+        weights, optimizer = whole_state(weights, master, errors), whole_state(optimizer, master, errors)
         weights["lm_head.weight"] = weights["transformer.wte.weight"]
     state = lambda: {**model_entries(run.raw_model, weights), "optimizer": optimizer, "step": step,
                      "val_loss": run.val_loss, "loader": run.train_loader.state_dict(), "rng": rng,
                      "args": dataclasses.asdict(run.cfg), "world_size": run.dist.world_size,
                      "scaler": run.scaler.state_dict() if run.scaler is not None else None,
                      "spike_guard": run.spike_guard.state_dict() if run.spike_guard is not None else None}
-    rank_0_first(lambda: save_checkpoint(path, state()), run.dist,
-                 TrainError(f"rank 0 could not write {path} (see its error)"))
+
+    def write():
+        if errors:  # rank 0 could not hold the gathered state: every rank stops, here, together
+            raise TrainError(f"rank 0 could not gather the checkpoint {path} in host memory: {one_line(errors[0])}")
+        save_checkpoint(path, state())
+    rank_0_first(write, run.dist, TrainError(f"rank 0 could not write {path} (see its error)"))
     if run.spike_guard is not None:  # every rank knows where a rewind goes
         run.spike_guard.checkpoint = path
     return path if run.dist.master else None

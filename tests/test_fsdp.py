@@ -152,6 +152,38 @@ def test_fsdp_in_bf16_keeps_ddps_precision_and_compiles_its_blocks(shards, tmp_p
     assert out.stderr.count("TRACED GRAPH") == 2 and "Graph break" not in out.stderr  # one per rank
 
 
+HOST_OOM = """
+import os, torch
+original = torch.Tensor.cpu
+
+
+def cpu(self, *args, **kwargs):  # rank 0 runs out of host memory copying the gathered (64, 32) embedding
+    if os.environ.get("RANK") == "0" and tuple(self.shape) == (64, 32):
+        raise MemoryError("host memory exhausted (injected)")
+    return original(self, *args, **kwargs)
+
+
+torch.Tensor.cpu = cpu
+"""
+
+
+def test_fsdp_checkpoint_that_rank_0_cannot_hold_stops_every_rank(shards, tmp_path):
+    # rank 0 fails mid-gather; it still takes part in the remaining gathers, then every rank stops together
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(HOST_OOM)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--log-dir",
+           str(tmp_path / "ranks"), "--redirects", "3", str(REPO / "train_gpt2.py"),
+           *tiny_args(shards, tmp_path / "r", "--shard", "fsdp", "--checkpoint-interval", "2", "--eval-interval", "0",
+                      B=2, total=64)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tmp_path / "site")}
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120, env=env)  # no hang
+    assert out.returncode != 0
+    assert "rank 0 could not gather the checkpoint" in rank_log(tmp_path / "ranks", 0) and "(injected)" in \
+        rank_log(tmp_path / "ranks", 0)
+    assert "rank 0 could not write" in rank_log(tmp_path / "ranks", 1)
+    assert not (tmp_path / "r" / "model_00002.pt").exists()
+
+
 def test_fsdp_lowers_peak_memory_per_rank(tmp_path):
     """Measured: each rank's peak resident memory, a 51M-parameter model (16 bytes a parameter under ddp:
     weights, gradients, AdamW's two moments; about half of that per rank under fsdp on 2 ranks)."""
