@@ -170,7 +170,7 @@ def peak_rss(cmd: list[str]) -> float:
 # Driver
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     p.add_argument("--size-mb", type=float, default=200, help="size of the synthesized jsonl corpus (default: 200)")
     p.add_argument("--data-files", help="a jsonl corpus (field 'text') to use instead of synthesizing one")
@@ -181,28 +181,15 @@ def main(argv=None) -> None:
     p.add_argument("--no-reference", action="store_true", help="skip the reference-style runs")
     p.add_argument("--no-rss", action="store_true", help="skip the peak-memory run")
     p.add_argument("--work-dir", help="where corpus, caches and shards go (default: a temporary folder)")
-    args = p.parse_args(argv)
+    return p
 
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_fineweb_"))
-    work.mkdir(parents=True, exist_ok=True)
-    if args.data_files:
-        corpus = Path(args.data_files).resolve()
-    else:
-        corpus = work / f"corpus_{args.size_mb:g}mb.jsonl"
-        if not corpus.exists():
-            make_corpus(corpus, args.size_mb)
-    global _docs
-    _docs = read_texts(corpus)
-    import datasets  # noqa: F401  (imports are a fixed cost, not a rate: paid here, before any timing)
-    import tqdm  # noqa: F401
-    n = args.num_proc
-    print(f"corpus {corpus}: {corpus.stat().st_size / 2**20:.0f} MB, {len(_docs):,} documents; {n} processes "
-          f"on {os.cpu_count()} cores; shard size {args.shard_size:,}; load average {os.getloadavg()[0]:.2f}")
 
+def run_repeats(args, corpus: Path, work: Path, n: int) -> tuple[dict, int]:
+    """Every method --repeats times, interleaved (a busy machine slows them alike): (wall, CPU) seconds each."""
     runs: dict[str, list[tuple[float, float]]] = {"ceiling": [], "ceiling_np": [], "fineweb": [], "streaming": [],
                                                   "reference": []}
     tokens = None
-    for r in range(args.repeats):  # interleaved, so a busy machine slows every method alike
+    for r in range(args.repeats):
         runs["ceiling"].append(ceiling(n, "encode_ordinary"))
         runs["ceiling_np"].append(ceiling(n, "encode_to_numpy"))
         cache = work / f"hf_cache_{r}"
@@ -219,13 +206,10 @@ def main(argv=None) -> None:
             shutil.rmtree(cache, ignore_errors=True)
         print(f"repeat {r + 1}: " + ", ".join(f"{k} {v[-1][0]:.2f} s" for k, v in runs.items() if v)
               + f"; load average {os.getloadavg()[0]:.2f}", flush=True)
+    return runs, tokens
 
-    if not args.no_reference:  # the re-created reference must agree with fineweb.py, or the comparison is moot
-        ours = sorted((work / "out").glob("*.npy"))
-        ref = sorted((work / "ref").glob("*.npy"))
-        same = len(ours) == len(ref) and all(a.read_bytes() == b.read_bytes() for a, b in zip(ours, ref))
-        print(f"reference-style shards identical to fineweb.py's: {same}")
 
+def report(runs: dict, tokens: int, n: int, repeats: int) -> None:
     wall = {k: statistics.median(w for w, _ in v) for k, v in runs.items() if v}
     best = {k: min(w for w, _ in v) for k, v in runs.items() if v}
     cpu = {k: statistics.median(c for _, c in v) for k, v in runs.items() if v}
@@ -234,7 +218,7 @@ def main(argv=None) -> None:
              "fineweb": "fineweb.py end to end (cold cache)",
              "streaming": "fineweb.py end to end, --streaming",
              "reference": f"reference-style: {max(1, os.cpu_count() // 2)} procs, 1 doc/task"}
-    print(f"\n{tokens:,} tokens, {args.repeats} repeats. tok/s: median (and best) run; CPU s: median CPU seconds of "
+    print(f"\n{tokens:,} tokens, {repeats} repeats. tok/s: median (and best) run; CPU s: median CPU seconds of "
           "all the method's processes")
     print(f"{'method':<44} {'median tok/s':>12} {'vs ceiling':>10} {'best tok/s':>11} {'vs ceiling':>10} "
           f"{'CPU s':>6} {'vs ceiling':>10}")
@@ -247,20 +231,49 @@ def main(argv=None) -> None:
             print(f"{names[k]} / ceiling: median {wall['ceiling'] / wall[k]:.3f}, best {best['ceiling'] / best[k]:.3f} "
                   "(target >= 0.80)")
 
-    if not args.no_rss:  # peak resident memory on a quarter, a half and all of the corpus
-        sizes, peaks = [], []
-        for frac in (4, 2, 1):
-            part = work / f"corpus_1_{frac}.jsonl"
-            with open(corpus) as f, open(part, "w") as g:
-                g.writelines(line for i, line in enumerate(f) if i < max(1, len(_docs) // frac))
-            sizes.append(part.stat().st_size / 2**20)
-            # --streaming: a prepared dataset is memory-mapped, and its pages read (shared, reclaimable) count in RSS
-            peaks.append(peak_rss([sys.executable, str(ROOT / "fineweb.py"), "--data-files", str(part), "--out-dir",
-                                   str(work / "out_rss"), "--shard-size", str(args.shard_size), "--num-proc", str(n),
-                                   "--overwrite", "--streaming", "--cache-dir", str(work / "hf_rss")]))
-        print(f"peak RSS of the largest fineweb.py process (--streaming; shard buffers 2 x "
-              f"{2 * args.shard_size / 2**20:,.0f} MB): " + ", ".join(f"{p:,.0f} MB on {s:,.0f} MB of jsonl"
-                                                                   for p, s in zip(peaks, sizes)))
+
+def rss_report(args, corpus: Path, work: Path, n: int) -> None:
+    """Peak resident memory on a quarter, a half and all of the corpus."""
+    sizes, peaks = [], []
+    for frac in (4, 2, 1):
+        part = work / f"corpus_1_{frac}.jsonl"
+        with open(corpus) as f, open(part, "w") as g:
+            g.writelines(line for i, line in enumerate(f) if i < max(1, len(_docs) // frac))
+        sizes.append(part.stat().st_size / 2**20)
+        # --streaming: a prepared dataset is memory-mapped, and its pages read (shared, reclaimable) count in RSS
+        peaks.append(peak_rss([sys.executable, str(ROOT / "fineweb.py"), "--data-files", str(part), "--out-dir",
+                               str(work / "out_rss"), "--shard-size", str(args.shard_size), "--num-proc", str(n),
+                               "--overwrite", "--streaming", "--cache-dir", str(work / "hf_rss")]))
+    print(f"peak RSS of the largest fineweb.py process (--streaming; shard buffers 2 x "
+          f"{2 * args.shard_size / 2**20:,.0f} MB): " + ", ".join(f"{p:,.0f} MB on {s:,.0f} MB of jsonl"
+                                                               for p, s in zip(peaks, sizes)))
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_fineweb_"))
+    work.mkdir(parents=True, exist_ok=True)
+    if args.data_files:
+        corpus = Path(args.data_files).resolve()
+    else:
+        corpus = work / f"corpus_{args.size_mb:g}mb.jsonl"
+        if not corpus.exists():
+            make_corpus(corpus, args.size_mb)
+    global _docs
+    _docs = read_texts(corpus)
+    import datasets  # noqa: F401  (imports are a fixed cost, not a rate: paid here, before any timing)
+    import tqdm  # noqa: F401
+    n = args.num_proc
+    print(f"corpus {corpus}: {corpus.stat().st_size / 2**20:.0f} MB, {len(_docs):,} documents; {n} processes "
+          f"on {os.cpu_count()} cores; shard size {args.shard_size:,}; load average {os.getloadavg()[0]:.2f}")
+    runs, tokens = run_repeats(args, corpus, work, n)
+    if not args.no_reference:  # the re-created reference must agree with fineweb.py, or the comparison is moot
+        ours, ref = sorted((work / "out").glob("*.npy")), sorted((work / "ref").glob("*.npy"))
+        same = len(ours) == len(ref) and all(a.read_bytes() == b.read_bytes() for a, b in zip(ours, ref))
+        print(f"reference-style shards identical to fineweb.py's: {same}")
+    report(runs, tokens, n, args.repeats)
+    if not args.no_rss:
+        rss_report(args, corpus, work, n)
     if not args.work_dir:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -110,7 +110,7 @@ def timed(fn, device) -> tuple[float, object]:
     return time.perf_counter() - t0, out
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     p.add_argument("-m", "--model", default="", help="HF name / HF folder / our .pt checkpoint (default: random GPT)")
     p.add_argument("--layers", type=int, default=4, help="random GPT: blocks")
@@ -127,29 +127,27 @@ def main(argv=None) -> None:
     p.add_argument("--batched-only", action="store_true", help="skip the slow loop (e.g. the full val set on a GPU)")
     p.add_argument("--breakdown", action="store_true",
                    help="also time the batched path with logits at every position (packing alone, no logits_at)")
-    args = p.parse_args(argv)
+    return p
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(resolve_device(args.device))
-    autocast_dtype = setup_precision(args.dtype, device.type)
-    dtype = "bfloat16" if autocast_dtype == torch.bfloat16 else "float32"
-    print(f"device {device} ({device_name(device)}) | torch {torch.__version__} | dtype {dtype}")
 
+def model_and_examples(args, device) -> tuple:
+    """The model to time (a checkpoint, or a random GPT of --layers x --width), its name, and the examples."""
     if args.model:
-        model = load_model(args.model, device)
-        what = args.model
+        model, what = load_model(args.model, device), args.model
     else:
         torch.manual_seed(0)
         config = GPTConfig(block_size=1024, vocab_size=50304, n_layer=args.layers,
                            n_head=max(1, args.width // 64), n_embd=args.width)
-        model = GPT(config).to(device).eval()
-        what = f"random GPT {args.layers}x{args.width}"
+        model, what = GPT(config).to(device).eval(), f"random GPT {args.layers}x{args.width}"
     if args.data_file:
         examples = hs.load_examples(data_file=args.data_file)
         examples = examples[:args.num_examples] if args.num_examples else examples
     else:
         examples = synthetic_examples(args.num_examples or 64)
+    return model, what, examples
+
+
+def describe(model, what: str, examples: list[dict]) -> None:
     enc = get_tokenizer()
     ctx = [len(enc.encode(ex["ctx"])) for ex in examples]
     ends = [len(enc.encode(" " + e)) for ex in examples for e in ex["endings"]]
@@ -157,8 +155,11 @@ def main(argv=None) -> None:
     print(f"model {what} ({sum(q.numel() for q in model.parameters()) / 1e6:.1f}M params) | {len(examples)} examples"
           f" | context {sum(ctx) / len(ctx):.1f} tokens, ending {sum(ends) / len(ends):.1f} tokens on average"
           f" | {padded:,} tokens in one-at-a-time forwards, {sum(ends):,} scored")
-    args.batch_size = args.batch_size or hs.default_batch_size(device)
 
+
+def measure(args, model, examples, device, autocast_dtype) -> tuple[dict, dict]:
+    """Times per repeat: batched (b), one-at-a-time (u), batched with all-position logits (f), the output
+    layer inside the batched run (h); and each path's last (sum, mean) losses, to compare predictions."""
     batched = lambda: hs.score_batched(model, examples, device, args.batch_size, autocast_dtype)
     full = FullLogits(model)
     batched_full = lambda: hs.score_batched(full, examples, device, args.batch_size, autocast_dtype)
@@ -166,41 +167,58 @@ def main(argv=None) -> None:
     # warm-up: allocator, kernels, lazy inits; not timed
     hs.score_batched(model, examples[:8], device, args.batch_size, autocast_dtype)
     hs.score_unbatched(model, examples[:2], device, autocast_dtype)
-
-    tb, tu, tf, th = [], [], [], []
+    times, losses = {"b": [], "u": [], "f": [], "h": []}, {}
     for r in range(args.repeats):
-        dt, (sum_b, avg_b) = timed(batched, device)
-        tb.append(dt)
+        dt, losses["b"] = timed(batched, device)
+        times["b"].append(dt)
         line = f"repeat {r}: batched {len(examples) / dt:8.1f} ex/s"
         if args.breakdown:
             timer = ModuleTimer(model.lm_head, device)  # a separate run: the hooks' syncs must not slow the one above
             timed(batched, device)
             timer.remove()
-            th.append(timer.total)
+            times["h"].append(timer.total)
             line += f" (output layer alone {timer.total:.2f} s of {dt:.2f} s)"
             dt, _ = timed(batched_full, device)
-            tf.append(dt)
+            times["f"].append(dt)
             line += f" | batched, all-position logits {len(examples) / dt:8.1f} ex/s"
         if not args.batched_only:
-            dt, (sum_u, avg_u) = timed(unbatched, device)
-            tu.append(dt)
+            dt, losses["u"] = timed(unbatched, device)
+            times["u"].append(dt)
             line += f" | one-at-a-time {len(examples) / dt:8.1f} ex/s"
         print(line, flush=True)
+    return times, losses
 
-    eps_b = len(examples) / statistics.median(tb)
-    summary = f"batched: {eps_b:.1f} examples/s (batch {args.batch_size} examples)"
-    if tu:
-        eps_u = len(examples) / statistics.median(tu)
+
+def summarize(times: dict, losses: dict, n: int, batch_size: int) -> None:
+    med = {k: statistics.median(v) for k, v in times.items() if v}
+    summary = f"batched: {n / med['b']:.1f} examples/s (batch {batch_size} examples)"
+    if "u" in med:
+        (sum_b, avg_b), (sum_u, avg_u) = losses["b"], losses["u"]
         same = (sum_b.argmin(1) == sum_u.argmin(1)).float().mean().item()
         same_norm = (avg_b.argmin(1) == avg_u.argmin(1)).float().mean().item()
-        summary += (f" | one-at-a-time: {eps_u:.1f} examples/s | speedup {eps_b / eps_u:.2f}x"
+        summary += (f" | one-at-a-time: {n / med['u']:.1f} examples/s | speedup {med['u'] / med['b']:.2f}x"
                     f" | same predictions: acc {same:.0%}, acc_norm {same_norm:.0%}")
-    if tf:
-        summary += f" | batched with all-position logits: {len(examples) / statistics.median(tf):.1f} examples/s"
+    if "f" in med:
+        summary += f" | batched with all-position logits: {n / med['f']:.1f} examples/s"
     print(summary)
-    if th and tu:
-        print(f"output layer (lm_head matmul) at the scored positions: {statistics.median(th):.2f} s; were all else "
-              f"free, batched would be {statistics.median(tu) / statistics.median(th):.2f}x the one-at-a-time loop")
+    if "h" in med and "u" in med:
+        print(f"output layer (lm_head matmul) at the scored positions: {med['h']:.2f} s; were all else "
+              f"free, batched would be {med['u'] / med['h']:.2f}x the one-at-a-time loop")
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(resolve_device(args.device))
+    autocast_dtype = setup_precision(args.dtype, device.type)
+    dtype = "bfloat16" if autocast_dtype == torch.bfloat16 else "float32"
+    print(f"device {device} ({device_name(device)}) | torch {torch.__version__} | dtype {dtype}")
+    model, what, examples = model_and_examples(args, device)
+    describe(model, what, examples)
+    args.batch_size = args.batch_size or hs.default_batch_size(device)
+    times, losses = measure(args, model, examples, device, autocast_dtype)
+    summarize(times, losses, len(examples), args.batch_size)
 
 
 if __name__ == "__main__":
