@@ -130,6 +130,7 @@ class TrainConfig:
     dtype: str = "auto"  # autocast: bfloat16, float16 (scaled loss), float32; auto: bf16 on CUDA (or fp16), else fp32
     shard: str = "ddp"  # ddp: every rank holds all weights, gradients, AdamW state; fsdp: each 1/N of them (FSDP2)
     activation_checkpointing: bool = False  # recompute blocks' activations in backward: less memory, ~1/3 more compute
+    reduce_every_micro_step: bool = False  # fsdp, accumulating: gradients stay sharded (4/N B a weight), at N x traffic
     compile: bool | None = None  # torch.compile the training step (default: on CUDA only)
     loss_chunk: int = 0  # >0: output layer + loss this many tokens at a time, never all the logits at once (memory)
     seed: int = 1337  # model init and --shuffle
@@ -892,6 +893,8 @@ def check_batch(cfg: TrainConfig, world_size: int) -> int:
                          f"seq-len {T} x {world_size} ranks = {B * T * world_size}: change one of them")
     if cfg.loss_chunk < 0:
         raise TrainError(f"--loss-chunk {cfg.loss_chunk}: give a number of tokens, or 0 for one matmul")
+    if cfg.reduce_every_micro_step and cfg.shard != "fsdp":
+        raise TrainError("--reduce-every-micro-step keeps fsdp's gradients sharded: it needs --shard fsdp")
     if cfg.shard == "fsdp" and world_size == 1:
         raise TrainError("--shard fsdp splits the model over ranks: launch with torchrun --nproc_per_node N "
                          "(N >= 2), or use --shard ddp in one process")
@@ -1103,9 +1106,10 @@ class StopSignal:
 
 def grad_sync(run: Run, sync: bool):
     """Gradient accumulation: the ranks reduce gradients on the last micro-step only (sync); before it each
-    rank adds them up locally: DDP's no_sync(), FSDP's requires_gradient_sync (whole gradients meanwhile)."""
+    rank adds them up locally: DDP's no_sync(), FSDP's requires_gradient_sync (whole gradients meanwhile).
+    --reduce-every-micro-step (fsdp): reduce-scatter after every micro-step and add up the shards instead."""
     if is_sharded(run.raw_model):
-        run.raw_model.set_requires_gradient_sync(sync)
+        run.raw_model.set_requires_gradient_sync(sync or run.cfg.reduce_every_micro_step)
         return nullcontext()
     return nullcontext() if sync or run.dist.world_size == 1 else run.model.no_sync()
 
@@ -1339,7 +1343,8 @@ def logits_bytes(c: GPTConfig, tokens: int, dtype_bytes: int, loss_chunk: int) -
 def plan_memory(cfg: TrainConfig, gpus: int, B: int, dtype_bytes: int) -> dict[str, int]:
     """Bytes one GPU holds at its peak, by what they are."""
     c, P = cfg.model_config(), cfg.model_config().num_parameters()
-    fsdp, accumulating = cfg.shard == "fsdp", cfg.total_batch_size > B * cfg.seq_len * gpus
+    fsdp = cfg.shard == "fsdp"
+    accumulating = cfg.total_batch_size > B * cfg.seq_len * gpus and not cfg.reduce_every_micro_step
     n = gpus if fsdp else 1  # FSDP splits the model states over the GPUs
     block = 12 * c.n_embd ** 2 + 13 * c.n_embd
     parts = {"weights (fp32)": 4 * P // n, "gradients (fp32)": 4 * P // n, "AdamW state (fp32 m, v)": 8 * P // n}

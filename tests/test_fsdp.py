@@ -70,6 +70,7 @@ def sharded_runs(tmp_path_factory):
     logs = {"ddp": torchrun(args("ddp", "--shard", "ddp")).stdout}
     torchrun(args("fsdp", "--shard", "fsdp"), rank_logs=tmp / "fsdp_ranks")  # each rank's output in its own file
     logs.update({f"fsdp rank {r}": rank_log(tmp / "fsdp_ranks", r, "stdout") for r in (0, 1)})
+    torchrun(args("fsdp_reduce", "--shard", "fsdp", "--reduce-every-micro-step"))  # sharded gradients throughout
     from_fsdp, from_ddp = str(tmp / "fsdp" / "model_00002.pt"), str(tmp / "ddp" / "model_00002.pt")
     # resumed: under fsdp with activation checkpointing; under ddp from fsdp's checkpoint, with activation
     # checkpointing too; under fsdp from ddp's, compiled
@@ -86,6 +87,7 @@ def test_fsdp_trains_like_ddp(sharded_runs):
     # Adam divides by sqrt(v), so the rounding noise of near-zero gradients (the padded vocabulary rows, the
     # key bias) becomes full-size steps of those weights, which the loss hardly sees but the norm does
     assert_close_losses(tmp / "fsdp", tmp / "ddp")
+    assert_close_losses(tmp / "fsdp_reduce", tmp / "ddp")  # reduce-scattered every micro-step, then added up
     assert len(re.findall(r"HellaSwag acc_norm [\d.]+ \| \d/5 right", logs["fsdp rank 0"])) == 3  # all 5, each time
     for r in (0, 1):  # each rank sampled at each evaluation, on its own
         assert len(re.findall(rf"^rank {r} sample 0: Hi", logs[f"fsdp rank {r}"], re.M)) == 3
@@ -205,6 +207,40 @@ def test_fsdp_lowers_peak_memory_per_rank(tmp_path):
         peaks[shard] = float(m[1]), float(m[2])
     # rank 1 (rank 0 also gathers the whole checkpoint at the end). Measured here: 1.46 GiB under ddp, 1.04 under fsdp
     assert peaks["fsdp"][1] < peaks["ddp"][1] - 0.25, peaks
+
+
+COUNT_REDUCE_SCATTERS = """
+import atexit, os
+import torch.distributed as d
+
+calls, original = [0], d.reduce_scatter_single
+
+
+def counted(*args, **kwargs):  # FSDP2 reduce-scatters each unit's gradients through this
+    calls[0] += 1
+    return original(*args, **kwargs)
+
+
+d.reduce_scatter_single = counted
+atexit.register(lambda: open(os.environ["COUNT_FILE"] + "." + os.environ["RANK"], "w").write(str(calls[0])))
+"""
+
+
+def test_reduce_every_micro_step_reduce_scatters_every_micro_step(shards, tmp_path):
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(COUNT_REDUCE_SCATTERS)
+    counts = {}
+    for flag in ("--no-reduce-every-micro-step", "--reduce-every-micro-step"):  # 1 step of 2 micro-steps a rank
+        launch(tiny_args(shards, tmp_path / flag, "--shard", "fsdp", "--eval-interval", "0", flag, B=2, total=128,
+                         steps=1), PYTHONPATH=str(tmp_path / "site"), COUNT_FILE=str(tmp_path / flag))
+        counts[flag] = int((tmp_path / f"{flag}.0").read_text())
+    # 3 units (2 blocks and the root): once at the last micro-step, or after each of the 2
+    assert counts == {"--no-reduce-every-micro-step": 3, "--reduce-every-micro-step": 6}
+
+
+def test_reduce_every_micro_step_needs_fsdp(shards, tmp_path):
+    with pytest.raises(tg.TrainError, match="--reduce-every-micro-step keeps fsdp's gradients sharded"):
+        run(tiny_args(shards, tmp_path / "r", "--reduce-every-micro-step"))
 
 
 def test_fsdp_needs_several_ranks(shards, tmp_path):

@@ -149,6 +149,9 @@ def test_plan_sharding_and_checkpointing_lower_the_memory(capsys):
     fsdp = plan("--preset", "gpt2-xl", "--shard", "fsdp", capsys=capsys)
     both = plan("--preset", "gpt2-xl", "--shard", "fsdp", "--activation-checkpointing", capsys=capsys)
     assert total(both) < total(fsdp) < total(ddp)
+    sharded = plan("--preset", "gpt2-xl", "--shard", "fsdp", "--reduce-every-micro-step", capsys=capsys)
+    assert "whole gradients between micro-steps" in fsdp and "whole gradients" not in sharded
+    assert total(sharded) == pytest.approx(total(fsdp) - gib(fsdp, "whole gradients between micro-steps"), abs=0.01)
     assert gib(fsdp, "AdamW state (fp32 m, v)") == pytest.approx(gib(ddp, "AdamW state (fp32 m, v)") / 8, abs=0.01)
     assert "GiB of 80: fits" in fsdp
 
