@@ -413,11 +413,16 @@ class GPTConfig:
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
 
-    def num_parameters(self) -> int:
-        """GPT.num_parameters() without building the model: the tied wte/lm_head once, wpe, and per block
-        two LayerNorms (4C), c_attn (3C^2 + 3C), attn.c_proj (C^2 + C), c_fc (4C^2 + 4C), mlp.c_proj (4C^2 + C)."""
+    def block_parameters(self) -> int:
+        """One block's: two LayerNorms (4C), c_attn (3C^2 + 3C), attn.c_proj (C^2 + C), c_fc (4C^2 + 4C),
+        mlp.c_proj (4C^2 + C)."""
         C = self.n_embd
-        return self.vocab_size * C + self.block_size * C + self.n_layer * (12 * C * C + 13 * C) + 2 * C
+        return 12 * C * C + 13 * C
+
+    def num_parameters(self) -> int:
+        """GPT.num_parameters() without building the model: the tied wte/lm_head once, wpe, the blocks, ln_f."""
+        C = self.n_embd
+        return self.vocab_size * C + self.block_size * C + self.n_layer * self.block_parameters() + 2 * C
 
 
 GPT2_SIZES = {  # OpenAI's four checkpoints

@@ -493,27 +493,33 @@ def whole_state(state: dict, keep: bool, errors: list) -> dict:
     return out
 
 
-def shard_optimizer_state(state: dict, optimizer: torch.optim.Optimizer) -> dict:
-    """A whole optimizer state (a checkpoint's) cut into this rank's shards of the sharded parameters."""
+def this_ranks_shard(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A whole tensor (a checkpoint's) cut as `like` is sharded: a DTensor holding this rank's piece, cut from
+    the rank's own copy (no communication). Other tensors (`like` not sharded) come back as they are."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
+    if not isinstance(like, DTensor):
+        return t
+    return distribute_tensor(t.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+
+
+def shard_optimizer_state(state: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """A whole optimizer state (a checkpoint's) cut into this rank's shards of the sharded parameters."""
     params = [p for group in optimizer.param_groups for p in group["params"]]  # state_dict's numbering
-    shard = lambda v, p: distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None) \
-        if isinstance(p, DTensor) and v.shape == p.shape else v  # src None: each rank cuts its own piece
+    shard = lambda v, p: this_ranks_shard(v, p) if v.shape == p.shape else v  # the moments, not the step count
     return {**state, "state": {i: {k: shard(v, params[i]) for k, v in s.items()} for i, s in state["state"].items()}}
 
 
 def load_weights(model: nn.Module, weights: dict) -> None:
     """Whole weights (a checkpoint's) copied into the model's parameters in place, so that the optimizer and the
     DDP / compiled wrappers keep holding them; under fsdp each rank copies in its own shard."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    from torch.distributed.tensor import DTensor
 
     with torch.no_grad():
         for name, p in model.state_dict(keep_vars=True).items():  # the tied matrix twice: harmless
-            w = weights[name].to(p.device)
-            if isinstance(p, DTensor):  # src None: each rank cuts its own piece, no communication
-                w = distribute_tensor(w, p.device_mesh, p.placements, src_data_rank=None).to_local()
-                p = p.to_local()
+            w = this_ranks_shard(weights[name], p)
+            if isinstance(p, DTensor):
+                p, w = p.to_local(), w.to_local()
             p.copy_(w)
 
 
@@ -521,8 +527,8 @@ def load_weights(model: nn.Module, weights: dict) -> None:
 def gathered(model: nn.Module):
     """Under FSDP, every weight gathered on every rank for the duration, and no collective in the forward
     passes: each rank may then run forwards of its own (HellaSwag's uneven shares, sampling), where a sharded
-    forward would wait for the other ranks' all-gathers. Costs one whole copy of the weights in the autocast
-    dtype while it lasts. Nothing to do under DDP."""
+    forward would wait for the other ranks' all-gathers. Costs one whole fp32 copy of the weights while it
+    lasts. Nothing to do under DDP."""
     if not is_sharded(model):
         yield
         return
@@ -1320,14 +1326,18 @@ class PlanConfig:
     price: float = 2.5  # price of one GPU-hour, in dollars (an assumption: pass your provider's)
 
 
+def block_activation_bytes(c: GPTConfig, dtype_bytes: int) -> int:
+    """What autograd keeps of one block for the backward pass, per token: the two LayerNorms' fp32 inputs
+    (the residual stream, 2 x 4C bytes), 14C values in the autocast dtype (LayerNorm outputs, q/k/v, attention
+    output, the MLP's 4C-wide input and GELU output), and LayerNorm/attention statistics ((4 + n_head) fp32)."""
+    return 8 * c.n_embd + 14 * c.n_embd * dtype_bytes + 4 * (4 + c.n_head)
+
+
 def saved_activation_bytes(c: GPTConfig, tokens: int, dtype_bytes: int, checkpointing: bool) -> int:
-    """What autograd keeps for the backward pass at the end of the forward, but the logits. Per token and
-    block: the two LayerNorms' fp32 inputs (the residual stream, 2 x 4C bytes), 14C values in the autocast
-    dtype (LayerNorm outputs, q/k/v, attention output, the MLP's 4C-wide input and GELU output), and
-    LayerNorm/attention statistics ((4 + n_head) fp32). With checkpointing a block keeps only its input
-    (4C) and recomputes the rest during the backward pass, one block at a time. Then ln_f and lm_head's input."""
-    C = c.n_embd
-    block = 8 * C + 14 * C * dtype_bytes + 4 * (4 + c.n_head)
+    """What autograd keeps for the backward pass at the end of the forward, but the logits: each block's
+    activations, or with checkpointing only each block's input (4C a token) plus the one block recomputed
+    during the backward pass at a time; then ln_f and lm_head's input."""
+    C, block = c.n_embd, block_activation_bytes(c, dtype_bytes)
     per_token = c.n_layer * (4 * C if checkpointing else block) + 8 * C
     return tokens * per_token + (tokens * block if checkpointing else 0)  # + the block being recomputed
 
@@ -1346,11 +1356,11 @@ def plan_memory(cfg: TrainConfig, gpus: int, B: int, dtype_bytes: int) -> dict[s
     fsdp = cfg.shard == "fsdp"
     accumulating = cfg.total_batch_size > B * cfg.seq_len * gpus and not cfg.reduce_every_micro_step
     n = gpus if fsdp else 1  # FSDP splits the model states over the GPUs
-    block = 12 * c.n_embd ** 2 + 13 * c.n_embd
     parts = {"weights (fp32)": 4 * P // n, "gradients (fp32)": 4 * P // n, "AdamW state (fp32 m, v)": 8 * P // n}
     if fsdp:  # gathered (fp32): the root unit (embeddings, ln_f) and two blocks (this one and the next,
-        root = c.vocab_size * c.n_embd + c.block_size * c.n_embd + 2 * c.n_embd  # prefetched); the root's
-        parts["gathered weights, the root's gradients"] = 4 * (2 * root + 2 * block)  # gradients before reduction
+        block = c.block_parameters()  # prefetched); the root's gradients before their reduction
+        root = P - c.n_layer * block
+        parts["gathered weights, the root's gradients"] = 4 * (2 * root + 2 * block)
         parts["whole gradients between micro-steps"] = 4 * P if accumulating else 0
     else:
         parts["DDP's gradient buckets"] = 4 * P if gpus > 1 else 0

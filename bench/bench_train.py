@@ -79,8 +79,6 @@ def run_config(train_args: list[str], warmup: int, steps: int, cuda: bool) -> di
     Runs in a fresh process per configuration (see main): nothing compiled, cached or allocated by one
     configuration is there for the next, and on a CPU the process's peak RSS is this configuration's.
     """
-    import resource
-
     cfg = tg.parse_train_args(train_args + ["--max-steps", str(warmup + steps + 1)])
     timed = []
 
@@ -109,10 +107,7 @@ def run_config(train_args: list[str], warmup: int, steps: int, cuda: bool) -> di
     tok_s = cfg.micro_batch_size * cfg.seq_len / step_s
     dt0, _, mfu0 = timed[0]
     mfu = mfu0 * dt0 / step_s if mfu0 is not None else None  # MFU is inversely proportional to the step time
-    if cuda:
-        peak = torch.cuda.max_memory_allocated() / 2**30
-    else:  # Linux reports ru_maxrss in KiB
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    peak = tg.peak_memory_gib("cuda" if cuda else "cpu")  # the current GPU's (each rank's own), or the peak RSS
     return {"oom": False, "ms": 1000 * step_s, "tok_s": tok_s, "mfu": mfu, "peak_gib": peak}
 
 
