@@ -401,8 +401,39 @@ def rank_0_first(prepare, dist: Dist, others: Exception):
 # Model: GPT-2, with Hugging Face's parameter names so weights load 1:1
 
 
+MODEL_CHOICES = {"pos_emb": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "relu2")}
+
+
+@dataclass(kw_only=True)
+class ModelOptions:
+    """What a model may change of GPT-2's architecture; the defaults are GPT-2 exactly. Every field is a training
+    flag and is saved in checkpoints (with GPTConfig's shape). The modern recipe (train_gpt2.py --recipe modern)
+    turns them on together, as in modded-nanogpt and nanochat."""
+
+    pos_emb: str = "learned"  # learned: GPT-2's position embeddings (wpe); rope: rotary embeddings on q and k
+    rope_base: float = 10000.0  # rope: the base of the rotation frequencies
+    norm: str = "layernorm"  # layernorm: GPT-2's (weight, bias); rmsnorm: no parameters, also right after wte
+    qk_norm: bool = False  # RMS-normalise each head's queries and keys (after RoPE) before attention
+    mlp: str = "gelu"  # gelu: GPT-2's tanh GELU; relu2: ReLU squared
+    bias: bool = True  # biases in every linear layer and LayerNorm (GPT-2's); off: none
+    split_qkv: bool = False  # q, k, v as three matrices (c_q, c_k, c_v) instead of GPT-2's c_attn (Muon needs it)
+    tie_embeddings: bool = True  # lm_head shares wte's matrix (GPT-2); untied: a matrix of its own, zero at init
+    zero_init_proj: bool = False  # attention's and the MLP's output projections (c_proj) start at zero
+    logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap); 0: off (GPT-2)
+
+    def check_options(self) -> None:
+        for name, choices in MODEL_CHOICES.items():
+            if getattr(self, name) not in choices:
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"{flag} {getattr(self, name)}: use one of {', '.join(choices)}")
+        if self.logit_softcap < 0:
+            raise ValueError(f"--logit-softcap {self.logit_softcap}: give a cap > 0, or 0 for none")
+        if self.rope_base <= 0:
+            raise ValueError(f"--rope-base {self.rope_base}: give a base > 0 (e.g. 10000)")
+
+
 @dataclass
-class GPTConfig:
+class GPTConfig(ModelOptions):
     block_size: int = 1024  # max sequence length
     vocab_size: int = 50257  # 50,000 BPE merges + 256 bytes + <|endoftext|>; training pads to 50304
     n_layer: int = 12  # transformer blocks
@@ -412,6 +443,7 @@ class GPTConfig:
     def __post_init__(self):
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        self.check_options()
 
     def block_parameters(self) -> int:
         """One block's: two LayerNorms (4C), c_attn (3C^2 + 3C), attn.c_proj (C^2 + C), c_fc (4C^2 + 4C),
