@@ -444,17 +444,27 @@ class GPTConfig(ModelOptions):
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         self.check_options()
+        if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"--pos-emb rope rotates pairs of a head's dimensions: head size "
+                             f"{self.n_embd // self.n_head} (n_embd / n_head) must be even")
+
+    def norm_parameters(self) -> int:
+        """One norm's: LayerNorm's gain (C) and bias (C, unless --no-bias); RMSNorm has none."""
+        return 0 if self.norm == "rmsnorm" else self.n_embd * (1 + self.bias)
 
     def block_parameters(self) -> int:
-        """One block's: two LayerNorms (4C), c_attn (3C^2 + 3C), attn.c_proj (C^2 + C), c_fc (4C^2 + 4C),
-        mlp.c_proj (4C^2 + C)."""
+        """One block's: two norms, q/k/v (3C^2 + 3C, fused or split alike), attn.c_proj (C^2 + C), c_fc
+        (4C^2 + 4C), mlp.c_proj (4C^2 + C); the biases (9C in all) unless --no-bias."""
         C = self.n_embd
-        return 12 * C * C + 13 * C
+        return 12 * C * C + 9 * C * self.bias + 2 * self.norm_parameters()
 
     def num_parameters(self) -> int:
-        """GPT.num_parameters() without building the model: the tied wte/lm_head once, wpe, the blocks, ln_f."""
+        """GPT.num_parameters() without building the model: wte (once, tied to lm_head; or an untied lm_head
+        beside it), wpe (learned positions only), the blocks, ln_f."""
         C = self.n_embd
-        return self.vocab_size * C + self.block_size * C + self.n_layer * self.block_parameters() + 2 * C
+        embeddings = self.vocab_size * C * (1 if self.tie_embeddings else 2)
+        positions = self.block_size * C if self.pos_emb == "learned" else 0
+        return embeddings + positions + self.n_layer * self.block_parameters() + self.norm_parameters()
 
 
 GPT2_SIZES = {  # OpenAI's four checkpoints
@@ -485,20 +495,84 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
+# RMSNorm's epsilon, inside the square root as in F.rms_norm. Fixed, rather than F.rms_norm's default (the
+# dtype's machine epsilon, which would change under autocast), and equal to transformers' NanoChatConfig default
+# rms_norm_eps, which the export writes: the exported model then normalises exactly as ours.
+RMS_NORM_EPS = 1e-6
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) over the last dimension, with no gain or bias (nanochat's, modded-nanogpt's).
+    In fp32 under autocast, as LayerNorm is there, then back to the input's dtype (transformers' NanoChat too)."""
+
+    def forward(self, x):
+        return F.rms_norm(x.float(), (x.size(-1),), eps=RMS_NORM_EPS).type_as(x)
+
+
+def make_norm(config: GPTConfig) -> nn.Module:
+    """The blocks' and the final norm: GPT-2's LayerNorm (gain, and bias unless --no-bias), or RMSNorm."""
+    return RMSNorm() if config.norm == "rmsnorm" else nn.LayerNorm(config.n_embd, bias=config.bias)
+
+
+class Rotary(nn.Module):
+    """Rotary position embeddings (RoPE): each head's dimensions in two halves x1, x2 (hs/2 each), pair j
+    rotated by the angle -pos * base^(-2j/hs):
+
+        y1 = x1 cos + x2 sin,   y2 = -x1 sin + x2 cos
+
+    The convention of nanochat and modded-nanogpt, and of transformers' NanoChat (its rotate_half flips the
+    usual sign), so that an export computes the same attention: the usual +angle would be another model.
+    The cos/sin tables are non-persistent buffers, computed in fp32 at construction: no state dict entry."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        hs = config.n_embd // config.n_head
+        inv_freq = 1.0 / config.rope_base ** (torch.arange(0, hs, 2, dtype=torch.float32) / hs)  # (hs/2,)
+        angles = torch.outer(torch.arange(config.block_size, dtype=torch.float32), inv_freq)  # (block_size, hs/2)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x, start: int = 0):
+        """x (B, nh, T, hs) at positions start .. start+T-1 (a KV cache's new tokens start past the prefix)."""
+        T = x.size(2)
+        cos, sin = self.cos[start:start + T].to(x.dtype), self.sin[start:start + T].to(x.dtype)  # (T, hs/2)
+        x1, x2 = x.chunk(2, dim=-1)  # (B, nh, T, hs/2) each
+        return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)  # (B, nh, T, hs)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.n_head, self.n_embd = config.n_head, config.n_embd
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v of all heads in one matmul
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        C, bias = config.n_embd, config.bias
+        if config.split_qkv:  # three matrices, so that Muon orthogonalises each alone
+            self.c_q, self.c_k, self.c_v = (nn.Linear(C, C, bias=bias) for _ in range(3))
+        else:
+            self.c_attn = nn.Linear(C, 3 * C, bias=bias)  # q, k, v of all heads in one matmul
+        self.c_proj = nn.Linear(C, C, bias=bias)
         self.c_proj.RESIDUAL_PROJ = True  # scaled at init: it adds into the residual stream
+        self.c_proj.ZERO_INIT = config.zero_init_proj
+        self.split_qkv = config.split_qkv
+        self.rotary = Rotary(config) if config.pos_emb == "rope" else None  # GPT-2: positions added to wte
+        self.qk_norm = RMSNorm() if config.qk_norm else None
+
+    def qkv(self, x):
+        """q, k, v (B, T, C) each."""
+        if self.split_qkv:
+            return self.c_q(x), self.c_k(x), self.c_v(x)
+        return self.c_attn(x).split(self.n_embd, dim=2)
 
     def forward(self, x, kv_cache: KVCache | None = None, layer: int = 0):
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q, k, v = self.qkv(x)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if self.rotary is not None:  # the cache keeps k rotated: new tokens start at its position
+            start = kv_cache.pos if kv_cache is not None else 0
+            q, k = self.rotary(q, start), self.rotary(k, start)
+        if self.qk_norm is not None:  # after RoPE, as nanochat (a rotation keeps the norm anyway)
+            q, k = self.qk_norm(q), self.qk_norm(k)
         if kv_cache is None or kv_cache.pos == 0:
             if kv_cache is not None:
                 kv_cache.update(layer, k, v)
@@ -513,24 +587,33 @@ class CausalSelfAttention(nn.Module):
         return self.c_proj(y)
 
 
+class ReLUSquared(nn.Module):
+    """relu(x)^2 (modded-nanogpt's MLP; transformers' "relu2")."""
+
+    def forward(self, x):
+        return F.relu(x).square()
+
+
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
-        self.gelu = nn.GELU(approximate="tanh")  # GPT-2 used the tanh approximation
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        # GPT-2 used the tanh approximation of GELU
+        self.act = nn.GELU(approximate="tanh") if config.mlp == "gelu" else ReLUSquared()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.RESIDUAL_PROJ = True
+        self.c_proj.ZERO_INIT = config.zero_init_proj
 
     def forward(self, x):
-        return self.c_proj(self.gelu(self.c_fc(x)))
+        return self.c_proj(self.act(self.c_fc(x)))
 
 
 class Block(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
     def forward(self, x, kv_cache=None, layer=0):
@@ -551,10 +634,13 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     are not checked: that would cost a sync), and with every target ignored the loss is 0, not nan.
     Under torch.compile the chunk loop is unrolled: keep the chunks few (e.g. 8192 tokens at GPT-2's
     micro-batch 64, 8 chunks).
+
+    softcap > 0 caps the logits first, z -> softcap * tanh(z / softcap) (in fp32), as GPT.forward does; the
+    chain rule then multiplies the logits' gradient by 1 - tanh^2.
     """
 
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk: int, dtype: torch.dtype, grads: bool):
+    def forward(ctx, h, weight, targets, chunk: int, dtype: torch.dtype, grads: bool, softcap: float = 0.0):
         valid = targets != -1  # (N,)
         count = valid.sum().clamp(min=1).float()
         grad_h = torch.empty_like(h) if grads and ctx.needs_input_grad[0] else None  # (N, C)
@@ -564,12 +650,17 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         for i in range(0, h.size(0), chunk):
             hc, yc, vc = h[i:i + chunk].to(dtype), targets[i:i + chunk].clamp(min=0), valid[i:i + chunk]
             logits = (hc @ w.T).float()  # (n, V)
+            if softcap > 0:
+                tanh = logits.div_(softcap).tanh_()  # in place: the raw logits are not needed again
+                logits = tanh * softcap  # (n, V), capped
             lse = torch.logsumexp(logits, dim=1)  # (n,)
             loss += ((lse - logits.gather(1, yc[:, None]).squeeze(1)) * vc).sum()
             if grad_h is None and grad_w is None:
                 continue
             g = logits.sub_(lse[:, None]).exp_()  # softmax, in place: the logits are not needed again
             g.scatter_add_(1, yc[:, None], torch.full_like(lse[:, None], -1.0))  # - one-hot
+            if softcap > 0:
+                g.mul_(tanh.square_().neg_().add_(1.0))  # d capped / d raw = 1 - tanh^2
             g = g.mul_((vc / count)[:, None]).to(dtype)  # d(mean loss)/d logits (n, V); ignored rows 0
             if grad_h is not None:
                 grad_h[i:i + chunk] = g @ w
@@ -583,16 +674,18 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_h, grad_w = ctx.saved_tensors
         return (grad_h * grad_loss if grad_h is not None else None,
-                grad_w * grad_loss if grad_w is not None else None, None, None, None, None)
+                grad_w * grad_loss if grad_w is not None else None, None, None, None, None, None)
 
 
-def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
-    """F.cross_entropy(h @ weight.T, targets, ignore_index=-1), chunk rows at a time; h (N, C), targets (N,)."""
+def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
+                          softcap: float = 0.0) -> torch.Tensor:
+    """F.cross_entropy(h @ weight.T, targets, ignore_index=-1), chunk rows at a time; h (N, C), targets (N,).
+    softcap > 0: of the capped logits softcap * tanh(h @ weight.T / softcap)."""
     device_type = h.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else h.dtype
     grads = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
     with torch.autocast(device_type, enabled=False):  # the dtypes above are applied by hand
-        return ChunkedLinearCrossEntropy.apply(h, weight, targets, chunk, dtype, grads)
+        return ChunkedLinearCrossEntropy.apply(h, weight, targets, chunk, dtype, grads, softcap)
 
 
 # HF stores these as Conv1D weights, (in, out); nn.Linear's are (out, in)
@@ -603,14 +696,21 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
+        modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))  # token embeddings
+        if config.pos_emb == "learned":  # GPT-2's; rope rotates q and k in each attention instead
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)  # learned position embeddings
+        if config.norm == "rmsnorm":  # nanochat's: the embedding normalised too, before the first block
+            modules["ln_e"] = RMSNorm()
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings
-            wpe=nn.Embedding(config.block_size, config.n_embd),  # learned position embeddings
+            **modules,
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd),
+            ln_f=make_norm(config),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # weight tying, as in GPT-2
+        if config.tie_embeddings:
+            self.transformer.wte.weight = self.lm_head.weight  # weight tying, as in GPT-2
+        else:
+            self.lm_head.ZERO_INIT = True  # modded-nanogpt's: the first steps predict the uniform distribution
         self.apply(self._init_weights)
         # training's memory lever (--activation-checkpointing): a block's activations are not kept for the
         # backward pass but computed again there, about a third more compute for a fraction of the memory
@@ -621,14 +721,17 @@ class GPT(nn.Module):
             std = 0.02
             if getattr(module, "RESIDUAL_PROJ", False):
                 std *= (2 * self.config.n_layer) ** -0.5  # two residual adds per block
-            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if getattr(module, "ZERO_INIT", False):  # --zero-init-proj's c_proj, an untied lm_head
+                nn.init.zeros_(module.weight)
+            else:
+                nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_parameters(self) -> int:
-        """All parameters, the tied wte/lm_head matrix counted once."""
+        """All parameters, a tied wte/lm_head matrix counted once."""
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, idx, targets=None, kv_cache: KVCache | None = None, logits_at=None, loss_chunk: int = 0):
@@ -643,8 +746,12 @@ class GPT(nn.Module):
         start = kv_cache.pos if kv_cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens is longer than block_size={self.config.block_size}")
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if "wpe" in self.transformer:  # learned positions (GPT-2); with rope, each attention rotates q and k
+            pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+            x = x + self.transformer.wpe(pos)  # (B, T, C)
+        if "ln_e" in self.transformer:  # rmsnorm models normalise the embedding too
+            x = self.transformer.ln_e(x)
         for i, block in enumerate(self.transformer.h):
             if self.activation_checkpointing and kv_cache is None and torch.is_grad_enabled():
                 # keep only the block's input; backward runs the block again for the rest
@@ -654,12 +761,16 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.pos += T
         x = self.transformer.ln_f(x)
+        cap = self.config.logit_softcap
         if targets is not None and loss_chunk > 0 and logits_at is None:
-            loss = chunked_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1), loss_chunk)
+            loss = chunked_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1), loss_chunk,
+                                         cap)
             return None, loss
         if logits_at is not None:
             x = x[logits_at]  # (M, C)
         logits = self.lm_head(x)  # (B, T, vocab_size), or (M, vocab_size)
+        if cap > 0:  # tanh softcap (Gemma 2, modded-nanogpt), in fp32: logits within (-cap, cap)
+            logits = cap * torch.tanh(logits.float() / cap)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)

@@ -726,10 +726,12 @@ def peak_memory(dist: Dist) -> str:
 
 def flops_per_token(config: GPTConfig, T: int) -> int:
     """Training FLOPs per token, this project's MFU definition: 6N for the matmuls with the parameters
-    (forward + backward; N all parameters, the tied embedding once, padded vocab included) + 6*L*C*T for
-    attention's two T-long matmuls per layer, half of them skipped by the causal mask. (nanoGPT and the
-    PaLM paper count 12*L*C*T without the discount and leave wpe out: about 6% more at T=1024.)"""
-    return 6 * config.num_parameters() + 6 * config.n_layer * config.n_embd * T
+    (forward + backward; N all parameters, the tied embedding once, padded vocab included; an untied wte
+    left out: a lookup, while its lm_head is the matmul) + 6*L*C*T for attention's two T-long matmuls per
+    layer, half of them skipped by the causal mask. (nanoGPT and the PaLM paper count 12*L*C*T without the
+    discount and leave wpe out: about 6% more at T=1024.)"""
+    lookup = 0 if config.tie_embeddings else config.vocab_size * config.n_embd
+    return 6 * (config.num_parameters() - lookup) + 6 * config.n_layer * config.n_embd * T
 
 
 # -----------------------------------------------------------------------------
