@@ -51,6 +51,7 @@ from gpt2 import (
     dataset_dir,
     download,
     get_tokenizer,
+    hf_architecture,
     is_shard,
     load_checkpoint,
     load_model,
@@ -1456,13 +1457,15 @@ def sample_main(argv: list[str]) -> None:
 
 def export_main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="train_gpt2.py export",
-                                description="Write one of our checkpoints as a Hugging Face GPT2LMHeadModel folder.")
+                                description="Write one of our checkpoints as a Hugging Face folder: a GPT2LMHeadModel "
+                                "(GPT-2's architecture) or a NanoChatForCausalLM (RoPE, RMSNorm, QK-norm, no biases).")
     p.add_argument("checkpoint", help="a model_XXXXX.pt written by training")
     p.add_argument("out_dir", help="folder for config.json + model.safetensors")
     a = p.parse_args(argv)
     model = load_model(a.checkpoint)
-    model.save_pretrained(a.out_dir)
-    print(f"wrote {a.out_dir}: load it with GPT2LMHeadModel.from_pretrained({a.out_dir!r})")
+    model.save_pretrained(a.out_dir)  # a model no transformers class computes: a ValueError, nothing written
+    print(f"wrote {a.out_dir}: load it with AutoModelForCausalLM.from_pretrained({a.out_dir!r}) "
+          f"(a {hf_architecture(model.config)})")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,18 +1,32 @@
 """The model's options (gpt2.ModelOptions): RoPE, RMSNorm, QK-norm, ReLU^2, no biases, split q/k/v, an untied
 zero-initialised head, zero-initialised projections, logit softcap. Each against a forward written here from
-the weights alone; parameter counts; KV-cache sampling; the chunked loss; checkpoints. CPU, fp32, tiny models."""
+the weights alone; parameter counts; KV-cache sampling; the chunked loss; checkpoints; the export to
+transformers' NanoChatForCausalLM (and GPT2LMHeadModel) and back; sampling, HellaSwag and eval_suite on such a
+model. CPU, fp32, tiny models."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import itertools
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from test_eval_suite import LESSONS, offline, teach, write_tasks  # noqa: F401 (offline: a fixture)
+from test_hellaswag import EXAMPLES, totals, write_jsonl
+from test_train import REPO
 
+import eval_suite as es
 import gpt2
+import hellaswag as hs
 import train_gpt2 as tg
 from gpt2 import GPT, GPTConfig, KVCache
 
@@ -306,3 +320,159 @@ def test_cached_sampling_equals_uncached(temperature):
                           generator=torch.Generator().manual_seed(7)) for use_cache in (True, False)]
     assert torch.equal(out[0], out[1])
     assert len(set(out[0][0, 5:].tolist())) > 1  # not one token repeated: the test can tell
+
+
+# -----------------------------------------------------------------------------
+# Export to transformers, and back
+
+
+def hf_logits(folder: Path, idx: torch.Tensor):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(folder).eval()  # no trust_remote_code: a class transformers has
+    with torch.no_grad():
+        return type(hf).__name__, hf(input_ids=idx).logits
+
+
+@pytest.mark.parametrize("options,vocab_size", [
+    (MODERN, 50304),  # the training vocab: padded rows dropped, GPT-2's tokenizer files written
+    (dict(MODERN, tie_embeddings=True, mlp="gelu", rope_base=500.0), 100),
+    (dict(MODERN, split_qkv=False, logit_softcap=0.0), 100),
+], ids=["modern", "tied-gelu", "fused-qkv-no-softcap"])
+def test_export_to_nanochat_equals_transformers(tmp_path, options, vocab_size):
+    model = randomised(tiny(vocab_size, **options))
+    model.save_pretrained(tmp_path / "hf")
+    real = min(vocab_size, gpt2.GPT2_VOCAB_SIZE)
+    idx = tokens(vocab_size=real)
+    name, theirs = hf_logits(tmp_path / "hf", idx)
+    with torch.no_grad():
+        ours = model(idx)[0][..., :real]
+    assert name == "NanoChatForCausalLM" and theirs.shape == ours.shape
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
+    hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert hf_config["rms_norm_eps"] == gpt2.RMS_NORM_EPS and hf_config["vocab_size"] == real
+    assert hf_config["final_logit_softcapping"] == (options["logit_softcap"] or None)
+    assert hf_config["tie_word_embeddings"] == options["tie_embeddings"]
+    # and back: our importer reads the folder (read_model: --init-from, hellaswag.py, eval_suite.py)
+    back = gpt2.read_model(str(tmp_path / "hf"), vocab_size=vocab_size).eval()
+    init_only = dict(zero_init_proj=False, split_qkv=True)  # NanoChat keeps q, k, v apart; init is not saved
+    assert back.config == dataclasses.replace(model.config, **init_only)
+    with torch.no_grad():
+        torch.testing.assert_close(back(idx)[0][..., :real], ours, rtol=0, atol=1e-5)
+    if vocab_size == 50304:
+        from transformers import AutoTokenizer
+
+        assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in (tmp_path / "hf").iterdir()}
+        text = "ROMEO: But soft, what light"
+        assert AutoTokenizer.from_pretrained(tmp_path / "hf").encode(text) == gpt2.get_tokenizer().encode(text)
+        assert back.lm_head.weight[real:].abs().sum() == 0  # the padded rows come back as zeros
+
+
+@pytest.mark.parametrize("options", [dict(split_qkv=True), dict(tie_embeddings=False), dict(bias=False),
+                                     dict(mlp="relu2"), dict(split_qkv=True, bias=False, tie_embeddings=False)],
+                         ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_export_gpt2_architecture_variants_to_gpt2lmheadmodel(tmp_path, options):
+    model = randomised(tiny(**options))
+    model.save_pretrained(tmp_path / "hf")
+    idx = tokens()
+    name, theirs = hf_logits(tmp_path / "hf", idx)
+    with torch.no_grad():
+        ours = model(idx)[0]
+    assert name == "GPT2LMHeadModel"
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
+    back = GPT.from_pretrained(str(tmp_path / "hf")).eval()  # fused c_attn, zero biases: the same function
+    assert back.config.tie_embeddings == model.config.tie_embeddings and back.config.mlp == model.config.mlp
+    with torch.no_grad():
+        torch.testing.assert_close(back(idx)[0], ours, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("options,flag", [
+    (dict(pos_emb="rope"), "--norm layernorm"),  # rope with LayerNorm
+    (dict(pos_emb="rope", norm="rmsnorm", qk_norm=True), "--bias"),  # rope with biases
+    (dict(pos_emb="rope", norm="rmsnorm", bias=False), "--no-qk-norm"),
+    (dict(norm="rmsnorm"), "--norm rmsnorm"),  # learned positions with RMSNorm
+    (dict(qk_norm=True), "--qk-norm"),
+    (dict(logit_softcap=30.0), "--logit-softcap"),
+])
+def test_export_refuses_what_no_transformers_class_computes(tmp_path, options, flag):
+    with pytest.raises(ValueError) as e:
+        GPT(tiny(**options)).save_pretrained(tmp_path / "out")
+    assert flag in str(e.value) and "\n" not in str(e.value) and "no transformers class" in str(e.value)
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "train_gpt2.py"), *args], capture_output=True, text=True,
+                          cwd=REPO, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def modern_checkpoint(path: Path, **options) -> GPT:
+    model = randomised(GPTConfig(block_size=128, vocab_size=50304, n_layer=2, n_head=2, n_embd=32,
+                                 **(MODERN | options)), std=0.5)
+    gpt2.save_checkpoint(path, gpt2.model_entries(model))
+    return model
+
+
+def test_export_and_sample_commands_on_a_modern_checkpoint(tmp_path):
+    model = modern_checkpoint(tmp_path / "model_00010.pt")
+    out = cli("export", str(tmp_path / "model_00010.pt"), str(tmp_path / "hf"))
+    assert out.returncode == 0 and "NanoChatForCausalLM" in out.stdout, out.stderr[-2000:]
+    idx = tokens(vocab_size=50257)
+    _, theirs = hf_logits(tmp_path / "hf", idx)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs, model(idx)[0][..., :50257], rtol=0, atol=1e-4)
+    sample = ["sample", "-m", str(tmp_path / "model_00010.pt"), "--prompt", "ROMEO:", "--max-new-tokens", "12",
+              "--num-samples", "2", "--device", "cpu"]
+    cached, uncached = cli(*sample), cli(*sample, "--no-cache")
+    assert cached.returncode == 0, cached.stderr[-2000:]
+    assert cached.stdout == uncached.stdout and cached.stdout.count("ROMEO:") == 2
+    modern_checkpoint(tmp_path / "bad.pt", norm="layernorm")
+    refused = cli("export", str(tmp_path / "bad.pt"), str(tmp_path / "hf_bad"))
+    assert refused.returncode == 2 and not (tmp_path / "hf_bad").exists()
+    assert refused.stderr.startswith("train_gpt2.py: error: cannot export") and refused.stderr.count("\n") == 1
+    assert "--norm layernorm" in refused.stderr
+
+
+# -----------------------------------------------------------------------------
+# HellaSwag and eval_suite on modern models
+
+
+def test_hellaswag_on_a_modern_checkpoint_and_its_export(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    modern_checkpoint(tmp_path / "model_00000.pt")
+    data = write_jsonl(tmp_path / "hellaswag_val.jsonl")
+    common = ["-d", "cpu", "--data-file", str(data)]
+    assert hs.main(["-m", str(tmp_path / "model_00000.pt"), "--batch-size", "5", *common]) == 0
+    batched = totals(capsys.readouterr().out.strip().splitlines())  # logits at the scored positions only
+    model = gpt2.load_model(str(tmp_path / "model_00000.pt"))
+    unbatched = hs.evaluate_unbatched(model, EXAMPLES, "cpu")  # logits everywhere
+    assert batched == (unbatched["num_total"], unbatched["num_correct"], unbatched["num_correct_norm"])
+    assert 0 < batched[2] < batched[0]  # some right, some wrong: the test can tell
+    model.save_pretrained(tmp_path / "hf")
+    assert hs.main(["-m", str(tmp_path / "hf"), *common]) == 0  # the folder, through our importer
+    assert totals(capsys.readouterr().out.strip().splitlines()) == batched
+    res = hs.evaluate_unbatched(AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval(), EXAMPLES, "cpu")
+    assert (res["num_total"], res["num_correct"], res["num_correct_norm"]) == batched  # transformers' NanoChat
+
+
+def test_eval_suite_on_a_modern_checkpoint_equals_the_hf_backend_on_its_export(tmp_path, offline):  # noqa: F811
+    from lm_eval import simple_evaluate
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=50304, n_layer=2, n_head=2, n_embd=32, **MODERN))
+    model = teach(model, LESSONS)  # the zero-initialised head must learn something to tell choices apart
+    gpt2.save_checkpoint(tmp_path / "model.pt", gpt2.model_entries(model))
+    model.save_pretrained(tmp_path / "hf")
+    tasks = write_tasks(tmp_path / "tasks")
+    with contextlib.redirect_stdout(io.StringIO()):
+        rc = es.main(["-m", str(tmp_path / "model.pt"), "--tasks", "toy_mc", "--include-path", str(tasks), "-d", "cpu",
+                      "--output", str(tmp_path / "ours.json")])
+    assert rc == 0
+    ours = json.loads((tmp_path / "ours.json").read_text())["results"]["toy_mc"]
+    theirs = simple_evaluate(model="hf", model_args={"pretrained": str(tmp_path / "hf"), "dtype": "float32"},
+                             tasks=["toy_mc"], task_manager=es.task_manager(str(tasks)), device="cpu",
+                             batch_size=1)["results"]["toy_mc"]
+    for metric in ("acc,none", "acc_norm,none"):
+        assert ours[metric] == theirs[metric], metric
+    assert 0 < ours["acc,none"] < 1
