@@ -812,10 +812,13 @@ def save_run(run: Run, step: int) -> Path | None:
     path = checkpoint_path(run.cfg.log_dir, step)
     weights, optimizer, errors = run.raw_model.state_dict(), run.optimizer.state_dict(), []
     if is_sharded(run.raw_model):  # whole on rank 0: the same checkpoint as DDP's
-        del weights["lm_head.weight"]  # tied to wte: gathered once, and saved once as torch.save does for DDP
+        tied = run.raw_model.config.tie_embeddings
+        if tied:  # tied to wte: gathered once, and saved once as torch.save does for DDP
+            del weights["lm_head.weight"]
         master = run.dist.master
         weights, optimizer = whole_state(weights, master, errors), whole_state(optimizer, master, errors)
-        weights["lm_head.weight"] = weights["transformer.wte.weight"]
+        if tied:
+            weights["lm_head.weight"] = weights["transformer.wte.weight"]
     state = lambda: {**model_entries(run.raw_model, weights), "optimizer": optimizer, "step": step,
                      "val_loss": run.val_loss, "loader": run.train_loader.state_dict(), "rng": rng,
                      "args": dataclasses.asdict(run.cfg), "world_size": run.dist.world_size,
@@ -978,7 +981,8 @@ def wrap_model(raw_model: GPT, cfg: TrainConfig, dist: Dist) -> tuple[nn.Module,
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     device_ids = [torch.device(dist.device).index] if dist.device_type == "cuda" else None
-    return compiled, DDP(compiled, device_ids=device_ids), use_compile
+    # no buffer broadcast before every forward: the only buffers are RoPE's cos/sin tables, the same on every rank
+    return compiled, DDP(compiled, device_ids=device_ids, broadcast_buffers=False), use_compile
 
 
 def loss_scaler(autocast_dtype: torch.dtype | None, cfg: TrainConfig, dist: Dist) -> torch.amp.GradScaler | None:

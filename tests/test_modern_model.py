@@ -2,7 +2,7 @@
 zero-initialised head, zero-initialised projections, logit softcap. Each against a forward written here from
 the weights alone; parameter counts; KV-cache sampling; the chunked loss; checkpoints; the export to
 transformers' NanoChatForCausalLM (and GPT2LMHeadModel) and back; sampling, HellaSwag and eval_suite on such a
-model. CPU, fp32, tiny models."""
+model; training one, and its untied head saved under fsdp. CPU, fp32, tiny models."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from test_eval_suite import LESSONS, offline, teach, write_tasks  # noqa: F401 (offline: a fixture)
 from test_hellaswag import EXAMPLES, totals, write_jsonl
-from test_train import REPO
+from test_train import REPO, run, tiny_args, torchrun, write_shards
 
 import eval_suite as es
 import gpt2
@@ -476,3 +476,43 @@ def test_eval_suite_on_a_modern_checkpoint_equals_the_hf_backend_on_its_export(t
     for metric in ("acc,none", "acc_norm,none"):
         assert ours[metric] == theirs[metric], metric
     assert 0 < ours["acc,none"] < 1
+
+
+# -----------------------------------------------------------------------------
+# Training a modern model (through --init-from FOLDER, until the training flags exist)
+
+
+@pytest.fixture
+def modern_folder(tmp_path) -> tuple[Path, Path]:
+    """Shards of test_train's tiny vocab (64), and a modern model of its shape exported to a NanoChat folder."""
+    shards = write_shards(tmp_path / "shards")
+    model = randomised(GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32, **MODERN), std=0.1)
+    model.save_pretrained(tmp_path / "nanochat")
+    return shards, tmp_path / "nanochat"
+
+
+def test_modern_model_resumes_bitwise(modern_folder, tmp_path):
+    shards, folder = modern_folder
+    args = lambda d, *x: tiny_args(shards, d, "--init-from", str(folder), "--checkpoint-interval", "100",
+                                   "--loss-chunk", "16", *x, steps=6)
+    run(args(tmp_path / "straight"))
+    run(args(tmp_path / "split", "--stop-after-step", "2"))
+    run(args(tmp_path / "split", "--resume"))
+    a, b = (torch.load(tg.latest_checkpoint(tmp_path / d), weights_only=True) for d in ("straight", "split"))
+    assert a["config"]["pos_emb"] == "rope" and a["config"]["logit_softcap"] == 15.0
+    for name, w in a["model"].items():
+        assert torch.equal(b["model"][name], w), name
+    lines = lambda d: [ln for ln in (tmp_path / d / "log.txt").read_text().splitlines() if " train " in ln]
+    assert lines("straight") == lines("split") and len(lines("straight")) == 6
+
+
+def test_untied_head_saved_under_fsdp_as_under_ddp(modern_folder, tmp_path):
+    shards, folder = modern_folder
+    args = lambda d, shard: tiny_args(shards, tmp_path / d, "--init-from", str(folder), "--shard", shard,
+                                      "--eval-interval", "0", B=2, total=128, steps=3)
+    torchrun(args("ddp", "ddp"))
+    torchrun(args("fsdp", "fsdp"))
+    ddp, fsdp = (torch.load(tmp_path / d / "model_00002.pt", weights_only=True)["model"] for d in ("ddp", "fsdp"))
+    assert not torch.equal(fsdp["lm_head.weight"], fsdp["transformer.wte.weight"])  # the head, not wte's copy
+    for name, w in ddp.items():
+        torch.testing.assert_close(fsdp[name], w, rtol=1e-4, atol=1e-6, msg=name)
