@@ -444,17 +444,27 @@ class GPTConfig(ModelOptions):
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         self.check_options()
+        if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"--pos-emb rope rotates pairs of a head's dimensions: head size "
+                             f"{self.n_embd // self.n_head} (n_embd / n_head) must be even")
+
+    def norm_parameters(self) -> int:
+        """One norm's: LayerNorm's gain (C) and bias (C, unless --no-bias); RMSNorm has none."""
+        return 0 if self.norm == "rmsnorm" else self.n_embd * (1 + self.bias)
 
     def block_parameters(self) -> int:
-        """One block's: two LayerNorms (4C), c_attn (3C^2 + 3C), attn.c_proj (C^2 + C), c_fc (4C^2 + 4C),
-        mlp.c_proj (4C^2 + C)."""
+        """One block's: two norms, q/k/v (3C^2 + 3C, fused or split alike), attn.c_proj (C^2 + C), c_fc
+        (4C^2 + 4C), mlp.c_proj (4C^2 + C); the biases (9C in all) unless --no-bias."""
         C = self.n_embd
-        return 12 * C * C + 13 * C
+        return 12 * C * C + 9 * C * self.bias + 2 * self.norm_parameters()
 
     def num_parameters(self) -> int:
-        """GPT.num_parameters() without building the model: the tied wte/lm_head once, wpe, the blocks, ln_f."""
+        """GPT.num_parameters() without building the model: wte (once, tied to lm_head; or an untied lm_head
+        beside it), wpe (learned positions only), the blocks, ln_f."""
         C = self.n_embd
-        return self.vocab_size * C + self.block_size * C + self.n_layer * self.block_parameters() + 2 * C
+        embeddings = self.vocab_size * C * (1 if self.tie_embeddings else 2)
+        positions = self.block_size * C if self.pos_emb == "learned" else 0
+        return embeddings + positions + self.n_layer * self.block_parameters() + self.norm_parameters()
 
 
 GPT2_SIZES = {  # OpenAI's four checkpoints
@@ -485,20 +495,84 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
+# RMSNorm's epsilon, inside the square root as in F.rms_norm. Fixed, rather than F.rms_norm's default (the
+# dtype's machine epsilon, which would change under autocast), and equal to transformers' NanoChatConfig default
+# rms_norm_eps, which the export writes: the exported model then normalises exactly as ours.
+RMS_NORM_EPS = 1e-6
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) over the last dimension, with no gain or bias (nanochat's, modded-nanogpt's).
+    In fp32 under autocast, as LayerNorm is there, then back to the input's dtype (transformers' NanoChat too)."""
+
+    def forward(self, x):
+        return F.rms_norm(x.float(), (x.size(-1),), eps=RMS_NORM_EPS).type_as(x)
+
+
+def make_norm(config: GPTConfig) -> nn.Module:
+    """The blocks' and the final norm: GPT-2's LayerNorm (gain, and bias unless --no-bias), or RMSNorm."""
+    return RMSNorm() if config.norm == "rmsnorm" else nn.LayerNorm(config.n_embd, bias=config.bias)
+
+
+class Rotary(nn.Module):
+    """Rotary position embeddings (RoPE): each head's dimensions in two halves x1, x2 (hs/2 each), pair j
+    rotated by the angle -pos * base^(-2j/hs):
+
+        y1 = x1 cos + x2 sin,   y2 = -x1 sin + x2 cos
+
+    The convention of nanochat and modded-nanogpt, and of transformers' NanoChat (its rotate_half flips the
+    usual sign), so that an export computes the same attention: the usual +angle would be another model.
+    The cos/sin tables are non-persistent buffers, computed in fp32 at construction: no state dict entry."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        hs = config.n_embd // config.n_head
+        inv_freq = 1.0 / config.rope_base ** (torch.arange(0, hs, 2, dtype=torch.float32) / hs)  # (hs/2,)
+        angles = torch.outer(torch.arange(config.block_size, dtype=torch.float32), inv_freq)  # (block_size, hs/2)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x, start: int = 0):
+        """x (B, nh, T, hs) at positions start .. start+T-1 (a KV cache's new tokens start past the prefix)."""
+        T = x.size(2)
+        cos, sin = self.cos[start:start + T].to(x.dtype), self.sin[start:start + T].to(x.dtype)  # (T, hs/2)
+        x1, x2 = x.chunk(2, dim=-1)  # (B, nh, T, hs/2) each
+        return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)  # (B, nh, T, hs)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.n_head, self.n_embd = config.n_head, config.n_embd
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v of all heads in one matmul
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        C, bias = config.n_embd, config.bias
+        if config.split_qkv:  # three matrices, so that Muon orthogonalises each alone
+            self.c_q, self.c_k, self.c_v = (nn.Linear(C, C, bias=bias) for _ in range(3))
+        else:
+            self.c_attn = nn.Linear(C, 3 * C, bias=bias)  # q, k, v of all heads in one matmul
+        self.c_proj = nn.Linear(C, C, bias=bias)
         self.c_proj.RESIDUAL_PROJ = True  # scaled at init: it adds into the residual stream
+        self.c_proj.ZERO_INIT = config.zero_init_proj
+        self.split_qkv = config.split_qkv
+        self.rotary = Rotary(config) if config.pos_emb == "rope" else None  # GPT-2: positions added to wte
+        self.qk_norm = RMSNorm() if config.qk_norm else None
+
+    def qkv(self, x):
+        """q, k, v (B, T, C) each."""
+        if self.split_qkv:
+            return self.c_q(x), self.c_k(x), self.c_v(x)
+        return self.c_attn(x).split(self.n_embd, dim=2)
 
     def forward(self, x, kv_cache: KVCache | None = None, layer: int = 0):
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q, k, v = self.qkv(x)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if self.rotary is not None:  # the cache keeps k rotated: new tokens start at its position
+            start = kv_cache.pos if kv_cache is not None else 0
+            q, k = self.rotary(q, start), self.rotary(k, start)
+        if self.qk_norm is not None:  # after RoPE, as nanochat (a rotation keeps the norm anyway)
+            q, k = self.qk_norm(q), self.qk_norm(k)
         if kv_cache is None or kv_cache.pos == 0:
             if kv_cache is not None:
                 kv_cache.update(layer, k, v)
@@ -513,24 +587,33 @@ class CausalSelfAttention(nn.Module):
         return self.c_proj(y)
 
 
+class ReLUSquared(nn.Module):
+    """relu(x)^2 (modded-nanogpt's MLP; transformers' "relu2")."""
+
+    def forward(self, x):
+        return F.relu(x).square()
+
+
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
-        self.gelu = nn.GELU(approximate="tanh")  # GPT-2 used the tanh approximation
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        # GPT-2 used the tanh approximation of GELU
+        self.act = nn.GELU(approximate="tanh") if config.mlp == "gelu" else ReLUSquared()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.RESIDUAL_PROJ = True
+        self.c_proj.ZERO_INIT = config.zero_init_proj
 
     def forward(self, x):
-        return self.c_proj(self.gelu(self.c_fc(x)))
+        return self.c_proj(self.act(self.c_fc(x)))
 
 
 class Block(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
     def forward(self, x, kv_cache=None, layer=0):
@@ -551,10 +634,13 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     are not checked: that would cost a sync), and with every target ignored the loss is 0, not nan.
     Under torch.compile the chunk loop is unrolled: keep the chunks few (e.g. 8192 tokens at GPT-2's
     micro-batch 64, 8 chunks).
+
+    softcap > 0 caps the logits first, z -> softcap * tanh(z / softcap) (in fp32), as GPT.forward does; the
+    chain rule then multiplies the logits' gradient by 1 - tanh^2.
     """
 
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk: int, dtype: torch.dtype, grads: bool):
+    def forward(ctx, h, weight, targets, chunk: int, dtype: torch.dtype, grads: bool, softcap: float = 0.0):
         valid = targets != -1  # (N,)
         count = valid.sum().clamp(min=1).float()
         grad_h = torch.empty_like(h) if grads and ctx.needs_input_grad[0] else None  # (N, C)
@@ -564,12 +650,17 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         for i in range(0, h.size(0), chunk):
             hc, yc, vc = h[i:i + chunk].to(dtype), targets[i:i + chunk].clamp(min=0), valid[i:i + chunk]
             logits = (hc @ w.T).float()  # (n, V)
+            if softcap > 0:
+                tanh = logits.div_(softcap).tanh_()  # in place: the raw logits are not needed again
+                logits = tanh * softcap  # (n, V), capped
             lse = torch.logsumexp(logits, dim=1)  # (n,)
             loss += ((lse - logits.gather(1, yc[:, None]).squeeze(1)) * vc).sum()
             if grad_h is None and grad_w is None:
                 continue
             g = logits.sub_(lse[:, None]).exp_()  # softmax, in place: the logits are not needed again
             g.scatter_add_(1, yc[:, None], torch.full_like(lse[:, None], -1.0))  # - one-hot
+            if softcap > 0:
+                g.mul_(tanh.square_().neg_().add_(1.0))  # d capped / d raw = 1 - tanh^2
             g = g.mul_((vc / count)[:, None]).to(dtype)  # d(mean loss)/d logits (n, V); ignored rows 0
             if grad_h is not None:
                 grad_h[i:i + chunk] = g @ w
@@ -583,34 +674,158 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_h, grad_w = ctx.saved_tensors
         return (grad_h * grad_loss if grad_h is not None else None,
-                grad_w * grad_loss if grad_w is not None else None, None, None, None, None)
+                grad_w * grad_loss if grad_w is not None else None, None, None, None, None, None)
 
 
-def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
-    """F.cross_entropy(h @ weight.T, targets, ignore_index=-1), chunk rows at a time; h (N, C), targets (N,)."""
+def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
+                          softcap: float = 0.0) -> torch.Tensor:
+    """F.cross_entropy(h @ weight.T, targets, ignore_index=-1), chunk rows at a time; h (N, C), targets (N,).
+    softcap > 0: of the capped logits softcap * tanh(h @ weight.T / softcap)."""
     device_type = h.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else h.dtype
     grads = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
     with torch.autocast(device_type, enabled=False):  # the dtypes above are applied by hand
-        return ChunkedLinearCrossEntropy.apply(h, weight, targets, chunk, dtype, grads)
+        return ChunkedLinearCrossEntropy.apply(h, weight, targets, chunk, dtype, grads, softcap)
 
+
+# -- Hugging Face layouts: which transformers class computes our model, and its names for our weights -------
 
 # HF stores these as Conv1D weights, (in, out); nn.Linear's are (out, in)
 _CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# NanoChat's names for a block's matrices (nn.Linear's layout, as ours)
+_NANOCHAT_NAMES = {"attn.c_q": "self_attn.q_proj", "attn.c_k": "self_attn.k_proj", "attn.c_v": "self_attn.v_proj",
+                   "attn.c_proj": "self_attn.o_proj", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+_HF_ACTIVATIONS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "relu2": "relu2"}  # both GELUs: the tanh one
+
+
+def hf_architecture(config: GPTConfig) -> str:
+    """The transformers class that computes what our model does: GPT2LMHeadModel for learned positions with
+    LayerNorm (untied, ReLU^2, split q/k/v and no biases too: written as GPT-2's zeros), NanoChatForCausalLM
+    for RoPE with RMSNorm, QK-norm and no biases (either MLP, tied or not, any softcap). Anything else is a
+    ValueError naming the option, since no class computes it."""
+    if config.pos_emb == "learned":
+        arch = "GPT2LMHeadModel"
+        unsupported = {"--norm rmsnorm": config.norm == "rmsnorm", "--qk-norm": config.qk_norm,
+                       "--logit-softcap": config.logit_softcap > 0}
+    else:
+        arch = "NanoChatForCausalLM"
+        unsupported = {"--norm layernorm": config.norm == "layernorm", "--no-qk-norm": not config.qk_norm,
+                       "--bias": config.bias}
+    bad = [flag for flag, used in unsupported.items() if used]
+    if bad:
+        raise ValueError(f"cannot export a model with {bad[0]} and --pos-emb {config.pos_emb}: no transformers class "
+                         "computes it (GPT2LMHeadModel: learned positions, LayerNorm, no QK-norm, no softcap; "
+                         "NanoChatForCausalLM: rope, rmsnorm, QK-norm, no biases)")
+    return arch
+
+
+def hf_model_type(folder) -> str | None:
+    """config.json's model_type ("gpt2", "nanochat", ...), or None where there is none."""
+    path = Path(folder) / "config.json"
+    return json.loads(path.read_text()).get("model_type") if path.is_file() else None
+
+
+def to_gpt2_layout(sd: dict) -> dict:
+    """Our GPT-2-architecture weights as GPT2LMHeadModel's: c_q, c_k, c_v concatenated into c_attn, absent biases
+    as zeros (a Linear's: its rows; a LayerNorm's: its width), the Conv1D weights transposed."""
+    sd = dict(sd)
+    for k in [k for k in sd if ".attn.c_q." in k]:  # weight, and bias where there is one
+        prefix, kind = k.split(".attn.c_q.")
+        sd[f"{prefix}.attn.c_attn.{kind}"] = torch.cat([sd.pop(f"{prefix}.attn.c_{n}.{kind}") for n in "qkv"])
+    for k in [k for k in sd if k.endswith(".weight") and (".h." in k or ".ln_f." in k)]:
+        sd.setdefault(k.removesuffix("weight") + "bias", torch.zeros(sd[k].size(0)))
+    return {k: v.t() if k.endswith(_CONV1D_WEIGHTS) else v for k, v in sd.items()}
+
+
+def from_gpt2_layout(hf_sd: dict) -> dict:
+    """GPT2LMHeadModel's weights under our names (the same, but the Conv1D weights transposed)."""
+    skip = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of older transformers
+    return {k: v.t() if k.endswith(_CONV1D_WEIGHTS) else v for k, v in hf_sd.items() if not k.endswith(skip)}
+
+
+def to_nanochat_names(sd: dict) -> dict:
+    """Our weights under NanoChatForCausalLM's names: a fused c_attn cut into q, k, v (its rows, in that order)."""
+    out = {}
+    for k, v in sd.items():
+        m = re.fullmatch(r"transformer\.h\.(\d+)\.(.+)\.weight", k)
+        if k == "transformer.wte.weight":
+            out["model.embed_tokens.weight"] = v
+        elif m and m[2] == "attn.c_attn":
+            for n, part in zip("qkv", v.chunk(3)):
+                out[f"model.layers.{m[1]}.{_NANOCHAT_NAMES['attn.c_' + n]}.weight"] = part
+        elif m:
+            out[f"model.layers.{m[1]}.{_NANOCHAT_NAMES[m[2]]}.weight"] = v
+        else:
+            out[k] = v  # lm_head.weight (untied)
+    return out
+
+
+def from_nanochat_names(hf_sd: dict) -> dict:
+    """NanoChatForCausalLM's weights under our names (q, k, v kept apart: c_q, c_k, c_v)."""
+    ours = {theirs: mine for mine, theirs in _NANOCHAT_NAMES.items()}
+    out = {}
+    for k, v in hf_sd.items():
+        m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", k)
+        if k == "model.embed_tokens.weight":
+            out["transformer.wte.weight"] = v
+        elif m and m[2] in ours:
+            out[f"transformer.h.{m[1]}.{ours[m[2]]}.weight"] = v
+        else:
+            out[k] = v  # lm_head.weight; anything else is reported as unexpected
+    return out
+
+
+def gpt2_options(c) -> dict:
+    """GPTConfig's fields for a transformers GPT2Config."""
+    if c.activation_function not in _HF_ACTIVATIONS:
+        raise ValueError(f"activation {c.activation_function!r} is not GPT-2's tanh GELU (nor ReLU^2)")
+    return dict(block_size=c.n_positions, n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd,
+                mlp=_HF_ACTIVATIONS[c.activation_function], tie_embeddings=c.tie_word_embeddings)
+
+
+def nanochat_options(c) -> dict:
+    """GPTConfig's fields for a transformers NanoChatConfig; a ValueError for what our model cannot compute."""
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    rope = c.rope_parameters or {}
+    differences = {
+        "grouped-query attention (num_key_value_heads != num_attention_heads)":
+            c.num_key_value_heads != c.num_attention_heads,
+        f"intermediate_size {c.intermediate_size} (ours: 4 x hidden_size)": c.intermediate_size != 4 * c.hidden_size,
+        f"rms_norm_eps {c.rms_norm_eps} (ours: {RMS_NORM_EPS})": c.rms_norm_eps != RMS_NORM_EPS,
+        f"hidden_act {c.hidden_act!r}": c.hidden_act not in _HF_ACTIVATIONS,
+        "attention_bias": c.attention_bias,
+        f"rope_type {rope.get('rope_type')!r}": rope.get("rope_type", "default") != "default",
+        f"head_dim {head_dim} (ours: hidden_size / num_attention_heads)": head_dim * c.num_attention_heads
+            != c.hidden_size,
+    }
+    bad = [what for what, differs in differences.items() if differs]
+    if bad:
+        raise ValueError(f"NanoChat model with {bad[0]}: our GPT cannot represent it")
+    return dict(block_size=c.max_position_embeddings, n_layer=c.num_hidden_layers, n_head=c.num_attention_heads,
+                n_embd=c.hidden_size, pos_emb="rope", rope_base=float(rope.get("rope_theta", 10000.0)),
+                norm="rmsnorm", qk_norm=True, mlp=_HF_ACTIVATIONS[c.hidden_act], bias=False, split_qkv=True,
+                tie_embeddings=c.tie_word_embeddings, logit_softcap=float(c.final_logit_softcapping or 0.0))
 
 
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
+        modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))  # token embeddings
+        if config.pos_emb == "learned":  # GPT-2's; rope rotates q and k in each attention instead
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)  # learned position embeddings
+        if config.norm == "rmsnorm":  # nanochat's: the embedding normalised too, before the first block
+            modules["ln_e"] = RMSNorm()
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings
-            wpe=nn.Embedding(config.block_size, config.n_embd),  # learned position embeddings
+            **modules,
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd),
+            ln_f=make_norm(config),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # weight tying, as in GPT-2
+        if config.tie_embeddings:
+            self.transformer.wte.weight = self.lm_head.weight  # weight tying, as in GPT-2
+        else:
+            self.lm_head.ZERO_INIT = True  # modded-nanogpt's: the first steps predict the uniform distribution
         self.apply(self._init_weights)
         # training's memory lever (--activation-checkpointing): a block's activations are not kept for the
         # backward pass but computed again there, about a third more compute for a fraction of the memory
@@ -621,14 +836,17 @@ class GPT(nn.Module):
             std = 0.02
             if getattr(module, "RESIDUAL_PROJ", False):
                 std *= (2 * self.config.n_layer) ** -0.5  # two residual adds per block
-            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if getattr(module, "ZERO_INIT", False):  # --zero-init-proj's c_proj, an untied lm_head
+                nn.init.zeros_(module.weight)
+            else:
+                nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_parameters(self) -> int:
-        """All parameters, the tied wte/lm_head matrix counted once."""
+        """All parameters, a tied wte/lm_head matrix counted once."""
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, idx, targets=None, kv_cache: KVCache | None = None, logits_at=None, loss_chunk: int = 0):
@@ -643,8 +861,12 @@ class GPT(nn.Module):
         start = kv_cache.pos if kv_cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens is longer than block_size={self.config.block_size}")
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if "wpe" in self.transformer:  # learned positions (GPT-2); with rope, each attention rotates q and k
+            pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+            x = x + self.transformer.wpe(pos)  # (B, T, C)
+        if "ln_e" in self.transformer:  # rmsnorm models normalise the embedding too
+            x = self.transformer.ln_e(x)
         for i, block in enumerate(self.transformer.h):
             if self.activation_checkpointing and kv_cache is None and torch.is_grad_enabled():
                 # keep only the block's input; backward runs the block again for the rest
@@ -654,12 +876,16 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.pos += T
         x = self.transformer.ln_f(x)
+        cap = self.config.logit_softcap
         if targets is not None and loss_chunk > 0 and logits_at is None:
-            loss = chunked_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1), loss_chunk)
+            loss = chunked_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1), loss_chunk,
+                                         cap)
             return None, loss
         if logits_at is not None:
             x = x[logits_at]  # (M, C)
         logits = self.lm_head(x)  # (B, T, vocab_size), or (M, vocab_size)
+        if cap > 0:  # tanh softcap (Gemma 2, modded-nanogpt), in fp32: logits within (-cap, cap)
+            logits = cap * torch.tanh(logits.float() / cap)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
@@ -669,88 +895,116 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, vocab_size: int | None = None) -> GPT:
-        """OpenAI's GPT-2 (`gpt2` ... `gpt2-xl`, through the Hub) or a local GPT2LMHeadModel folder.
+        """OpenAI's GPT-2 (`gpt2` ... `gpt2-xl`, through the Hub), or a local folder holding a GPT2LMHeadModel or
+        a NanoChatForCausalLM (what save_pretrained writes).
 
         vocab_size pads the embedding (e.g. to 50304 for training); the new rows start at zero.
         """
-        from transformers import GPT2LMHeadModel
-
         local = Path(name_or_path).is_dir()
         if not local and name_or_path.removeprefix("openai-community/") not in GPT2_SIZES:
-            raise ValueError(f"unknown model {name_or_path!r}: use one of {', '.join(GPT2_SIZES)}, "
-                             "a folder holding a GPT2LMHeadModel (config.json), or one of our .pt checkpoints")
-        hf = GPT2LMHeadModel.from_pretrained(name_or_path)
-        return cls.from_hf_model(hf, vocab_size)
+            raise ValueError(f"unknown model {name_or_path!r}: use one of {', '.join(GPT2_SIZES)}, a folder holding "
+                             "a GPT2LMHeadModel or NanoChatForCausalLM (config.json), or one of our .pt checkpoints")
+        if local and hf_model_type(name_or_path) == "nanochat":
+            from transformers import NanoChatForCausalLM
+
+            return cls.from_hf_model(NanoChatForCausalLM.from_pretrained(name_or_path), vocab_size)
+        from transformers import GPT2LMHeadModel
+
+        return cls.from_hf_model(GPT2LMHeadModel.from_pretrained(name_or_path), vocab_size)
 
     @classmethod
     def from_hf_model(cls, hf, vocab_size: int | None = None) -> GPT:
+        """Ours from a transformers GPT2LMHeadModel or NanoChatForCausalLM; vocab_size pads the embedding."""
         c = hf.config
-        if c.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise ValueError(f"activation {c.activation_function!r} is not GPT-2's tanh GELU")
-        config = GPTConfig(block_size=c.n_positions, vocab_size=max(c.vocab_size, vocab_size or 0),
-                           n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd)
+        if c.model_type == "nanochat":
+            options, weights = nanochat_options(c), from_nanochat_names(hf.state_dict())
+        else:
+            options, weights = gpt2_options(c), from_gpt2_layout(hf.state_dict())
+        config = GPTConfig(vocab_size=max(c.vocab_size, vocab_size or 0), **options)
         model = cls(config)
-        sd = model.state_dict()
-        hf_sd = {k: v for k, v in hf.state_dict().items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
-        hf_sd.pop("lm_head.weight", None)  # tied to wte
-        missing = set(sd) - set(hf_sd) - {"lm_head.weight"}
-        if missing:
-            raise ValueError(f"Hugging Face checkpoint lacks {sorted(missing)[:5]}")
+        model.load_hf_weights(weights)
+        return model
+
+    def load_hf_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Weights under our names (from_gpt2_layout, from_nanochat_names) copied in; the embedding's (and an
+        untied head's) rows past the checkpoint's vocab start at zero."""
+        sd = self.state_dict()
+        if self.config.tie_embeddings:
+            weights = {k: v for k, v in weights.items() if k != "lm_head.weight"}  # HF's copy of the tied wte
+        missing = set(sd) - set(weights) - ({"lm_head.weight"} if self.config.tie_embeddings else set())
+        unexpected = set(weights) - set(sd)
+        if missing or unexpected:
+            raise ValueError(f"Hugging Face checkpoint lacks {sorted(missing)[:5]}, has no place for "
+                             f"{sorted(unexpected)[:5]}")
         with torch.no_grad():
-            for k, v in hf_sd.items():
-                if k.endswith(_CONV1D_WEIGHTS):
-                    v = v.t()  # HF stores these as Conv1D (in, out); nn.Linear wants (out, in)
-                if k == "transformer.wte.weight" and v.size(0) < config.vocab_size:
+            for k, v in weights.items():
+                if k in ("transformer.wte.weight", "lm_head.weight") and v.size(0) < sd[k].size(0):
                     sd[k].zero_()
                     sd[k][: v.size(0)].copy_(v)
                     continue
                 if sd[k].shape != v.shape:
                     raise ValueError(f"{k}: ours {tuple(sd[k].shape)}, Hugging Face {tuple(v.shape)}")
                 sd[k].copy_(v)
-        return model
 
     def to_hf_state_dict(self, vocab_size: int | None = None) -> dict[str, torch.Tensor]:
-        """Our weights under GPT2LMHeadModel's names and layouts, padded vocab rows dropped."""
+        """Our weights under the names and layouts of the export's class (hf_architecture), padded vocab rows
+        dropped; a tied lm_head left out (transformers ties it to the embedding again)."""
         vocab_size = vocab_size or self.default_export_vocab()
-        out = {}
-        for k, v in self.state_dict().items():
-            if k == "lm_head.weight":
-                continue  # tied: HF rebuilds it from wte
-            v = v.detach().to("cpu", torch.float32)
-            if k.endswith(_CONV1D_WEIGHTS):
-                v = v.t()
-            if k == "transformer.wte.weight":
-                v = v[:vocab_size]
-            out[k] = v.contiguous()
-        return out
+        sd = dict(self.state_dict())
+        if self.config.tie_embeddings:
+            del sd["lm_head.weight"]
+        sd = {k: v.detach().to("cpu", torch.float32) for k, v in sd.items()}
+        for k in ("transformer.wte.weight", "lm_head.weight"):
+            if k in sd:
+                sd[k] = sd[k][:vocab_size]
+        to_hf = to_gpt2_layout if hf_architecture(self.config) == "GPT2LMHeadModel" else to_nanochat_names
+        return {k: v.contiguous() for k, v in to_hf(sd).items()}
 
     def default_export_vocab(self) -> int:
         # a model padded for training (e.g. 50304) exports GPT-2's 50257 real tokens
         return GPT2_VOCAB_SIZE if self.config.vocab_size >= GPT2_VOCAB_SIZE else self.config.vocab_size
 
     def save_pretrained(self, out_dir, vocab_size: int | None = None) -> None:
-        """Write config.json + model.safetensors that `GPT2LMHeadModel.from_pretrained(out_dir)` loads, and
-        GPT-2's tokenizer files when the model uses GPT-2's tokens (AutoTokenizer loads them offline)."""
+        """Write config.json + model.safetensors that `AutoModelForCausalLM.from_pretrained(out_dir)` loads, as a
+        GPT2LMHeadModel or a NanoChatForCausalLM (hf_architecture: a ValueError, before anything is written,
+        for a model neither computes), and GPT-2's tokenizer files when the model uses GPT-2's tokens
+        (AutoTokenizer loads them offline)."""
         from safetensors.torch import save_file
-        from transformers import GPT2Config
 
         vocab_size = vocab_size or self.default_export_vocab()
-        special = EOT_TOKEN if vocab_size > EOT_TOKEN else None  # <|endoftext|>, when the vocab has it
-        cfg = self.config
+        hf_config = self.hf_config(vocab_size)  # checks the architecture first
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        hf_config = GPT2Config(vocab_size=vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
-                               n_layer=cfg.n_layer, n_head=cfg.n_head, activation_function="gelu_new",
-                               bos_token_id=special, eos_token_id=special, tie_word_embeddings=True,
-                               architectures=["GPT2LMHeadModel"])
         with atomic_write(out_dir / "model.safetensors") as tmp:
             save_file(self.to_hf_state_dict(vocab_size), str(tmp), metadata={"format": "pt"})
         with atomic_write(out_dir / "config.json") as tmp:
             tmp.write_text(hf_config.to_json_string())
         if vocab_size == GPT2_VOCAB_SIZE:
-            for name, text in hf_tokenizer_files(cfg.block_size).items():
+            for name, text in hf_tokenizer_files(self.config.block_size).items():
                 with atomic_write(out_dir / name) as tmp:
                     tmp.write_text(text)
+
+    def hf_config(self, vocab_size: int):
+        """The export's config: GPT2Config, or NanoChatConfig (rms_norm_eps ours, RoPE's base, the softcap)."""
+        from transformers import GPT2Config, NanoChatConfig
+
+        cfg, arch = self.config, hf_architecture(self.config)
+        special = EOT_TOKEN if vocab_size > EOT_TOKEN else None  # <|endoftext|>, when the vocab has it
+        if arch == "GPT2LMHeadModel":
+            return GPT2Config(vocab_size=vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
+                              n_layer=cfg.n_layer, n_head=cfg.n_head,
+                              activation_function="gelu_new" if cfg.mlp == "gelu" else "relu2",
+                              bos_token_id=special, eos_token_id=special, tie_word_embeddings=cfg.tie_embeddings,
+                              architectures=[arch])
+        return NanoChatConfig(vocab_size=vocab_size, hidden_size=cfg.n_embd, intermediate_size=4 * cfg.n_embd,
+                              num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+                              num_key_value_heads=cfg.n_head, max_position_embeddings=cfg.block_size,
+                              hidden_act="gelu_pytorch_tanh" if cfg.mlp == "gelu" else "relu2",
+                              rms_norm_eps=RMS_NORM_EPS,
+                              rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_base},
+                              final_logit_softcapping=cfg.logit_softcap or None, attention_bias=False,
+                              bos_token_id=special, eos_token_id=special, pad_token_id=None,
+                              tie_word_embeddings=cfg.tie_embeddings, architectures=[arch])
 
     # -- Sampling ---------------------------------------------------------------------------
 

@@ -51,6 +51,7 @@ from gpt2 import (
     dataset_dir,
     download,
     get_tokenizer,
+    hf_architecture,
     is_shard,
     load_checkpoint,
     load_model,
@@ -726,10 +727,12 @@ def peak_memory(dist: Dist) -> str:
 
 def flops_per_token(config: GPTConfig, T: int) -> int:
     """Training FLOPs per token, this project's MFU definition: 6N for the matmuls with the parameters
-    (forward + backward; N all parameters, the tied embedding once, padded vocab included) + 6*L*C*T for
-    attention's two T-long matmuls per layer, half of them skipped by the causal mask. (nanoGPT and the
-    PaLM paper count 12*L*C*T without the discount and leave wpe out: about 6% more at T=1024.)"""
-    return 6 * config.num_parameters() + 6 * config.n_layer * config.n_embd * T
+    (forward + backward; N all parameters, the tied embedding once, padded vocab included; an untied wte
+    left out: a lookup, while its lm_head is the matmul) + 6*L*C*T for attention's two T-long matmuls per
+    layer, half of them skipped by the causal mask. (nanoGPT and the PaLM paper count 12*L*C*T without the
+    discount and leave wpe out: about 6% more at T=1024.)"""
+    lookup = 0 if config.tie_embeddings else config.vocab_size * config.n_embd
+    return 6 * (config.num_parameters() - lookup) + 6 * config.n_layer * config.n_embd * T
 
 
 # -----------------------------------------------------------------------------
@@ -809,10 +812,13 @@ def save_run(run: Run, step: int) -> Path | None:
     path = checkpoint_path(run.cfg.log_dir, step)
     weights, optimizer, errors = run.raw_model.state_dict(), run.optimizer.state_dict(), []
     if is_sharded(run.raw_model):  # whole on rank 0: the same checkpoint as DDP's
-        del weights["lm_head.weight"]  # tied to wte: gathered once, and saved once as torch.save does for DDP
+        tied = run.raw_model.config.tie_embeddings
+        if tied:  # tied to wte: gathered once, and saved once as torch.save does for DDP
+            del weights["lm_head.weight"]
         master = run.dist.master
         weights, optimizer = whole_state(weights, master, errors), whole_state(optimizer, master, errors)
-        weights["lm_head.weight"] = weights["transformer.wte.weight"]
+        if tied:
+            weights["lm_head.weight"] = weights["transformer.wte.weight"]
     state = lambda: {**model_entries(run.raw_model, weights), "optimizer": optimizer, "step": step,
                      "val_loss": run.val_loss, "loader": run.train_loader.state_dict(), "rng": rng,
                      "args": dataclasses.asdict(run.cfg), "world_size": run.dist.world_size,
@@ -975,7 +981,8 @@ def wrap_model(raw_model: GPT, cfg: TrainConfig, dist: Dist) -> tuple[nn.Module,
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     device_ids = [torch.device(dist.device).index] if dist.device_type == "cuda" else None
-    return compiled, DDP(compiled, device_ids=device_ids), use_compile
+    # no buffer broadcast before every forward: the only buffers are RoPE's cos/sin tables, the same on every rank
+    return compiled, DDP(compiled, device_ids=device_ids, broadcast_buffers=False), use_compile
 
 
 def loss_scaler(autocast_dtype: torch.dtype | None, cfg: TrainConfig, dist: Dist) -> torch.amp.GradScaler | None:
@@ -1454,13 +1461,15 @@ def sample_main(argv: list[str]) -> None:
 
 def export_main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="train_gpt2.py export",
-                                description="Write one of our checkpoints as a Hugging Face GPT2LMHeadModel folder.")
+                                description="Write one of our checkpoints as a Hugging Face folder: a GPT2LMHeadModel "
+                                "(GPT-2's architecture) or a NanoChatForCausalLM (RoPE, RMSNorm, QK-norm, no biases).")
     p.add_argument("checkpoint", help="a model_XXXXX.pt written by training")
     p.add_argument("out_dir", help="folder for config.json + model.safetensors")
     a = p.parse_args(argv)
     model = load_model(a.checkpoint)
-    model.save_pretrained(a.out_dir)
-    print(f"wrote {a.out_dir}: load it with GPT2LMHeadModel.from_pretrained({a.out_dir!r})")
+    model.save_pretrained(a.out_dir)  # a model no transformers class computes: a ValueError, nothing written
+    print(f"wrote {a.out_dir}: load it with AutoModelForCausalLM.from_pretrained({a.out_dir!r}) "
+          f"(a {hf_architecture(model.config)})")
 
 
 def main(argv: list[str] | None = None) -> None:
