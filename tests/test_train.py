@@ -3,6 +3,7 @@
 Tiny models on synthetic shards (vocab 64) so each run takes seconds on a CPU, in fp32.
 """
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -266,7 +267,7 @@ def test_checkpoint_is_plain_data_and_complete(shards, tmp_path):
     ckpt = torch.load(tmp_path / "r" / "model_00001.pt", weights_only=True)
     assert set(ckpt) >= {"model", "config", "optimizer", "step", "val_loss", "loader", "rng", "args"}
     assert not any(k.startswith("_orig_mod.") for k in ckpt["model"])
-    assert ckpt["config"] == {"block_size": 32, "vocab_size": VOCAB, "n_layer": 2, "n_head": 2, "n_embd": 32}
+    assert ckpt["config"] == dataclasses.asdict(gpt2.GPTConfig(32, VOCAB, 2, 2, 32))  # with GPT-2's options
     assert ckpt["step"] == 1 and isinstance(ckpt["val_loss"], float)
     model = gpt2.load_model(str(tmp_path / "r" / "model_00001.pt"))
     assert model.num_parameters() == sum(v.numel() for k, v in ckpt["model"].items() if k != "lm_head.weight")
