@@ -3,6 +3,7 @@ FineWeb-Edu (or any text dataset) -> the GPT-2 token shards that train_gpt2.py r
 
     python fineweb.py                                           # FineWeb-Edu sample-10BT -> edu_fineweb10B/
     python fineweb.py --preset fineweb100B                      # FineWeb sample-100BT (gpt2-medium, gpt2-large)
+    python fineweb.py --preset fineweb10B                       # FineWeb sample-10BT (train_gpt2.py's speedrun)
     python fineweb.py --streaming                               # no full download to disk first
     python fineweb.py --data-files corpus/*.jsonl --out-dir my_shards --shard-size 10000000
 

@@ -167,6 +167,7 @@ def download(url: str, dest: Path, timeout: float = 60.0) -> None:
 # the datasets the recipes train on, by the folder `python fineweb.py --preset NAME` writes beside the scripts
 DATASETS = {
     "edu_fineweb10B": dict(dataset="HuggingFaceFW/fineweb-edu", name="sample-10BT", prefix="edufineweb"),  # 124M
+    "fineweb10B": dict(dataset="HuggingFaceFW/fineweb", name="sample-10BT", prefix="fineweb"),  # the speedrun
     "fineweb100B": dict(dataset="HuggingFaceFW/fineweb", name="sample-100BT", prefix="fineweb"),  # 350M, 774M
     "edu_fineweb100B": dict(dataset="HuggingFaceFW/fineweb-edu", name="sample-100BT", prefix="edufineweb"),  # 1.5B
 }

@@ -38,9 +38,11 @@ from gpt2 import (
     DATASETS,
     GPT,
     GPT2_VOCAB_SIZE,
+    MODEL_CHOICES,
     SAMPLE_FLAG_ALIASES,
     Dist,
     GPTConfig,
+    ModelOptions,
     SampleConfig,
     TokenizerError,
     add_dataclass_flags,
@@ -89,6 +91,7 @@ class TrainConfig:
     val_fraction: float = 0.1  # .txt data only: the last fraction of its tokens is the validation split
     log_dir: str = "log"  # log.txt and the checkpoints model_{step:05d}.pt
     preset: str | None = None  # named defaults that other flags override (listed below)
+    recipe: str = "gpt2"  # gpt2: GPT-2's architecture, AdamW, cosine; modern: the speedrun's (values listed below)
     # model
     init_from: str = "scratch"  # scratch, an HF name or folder (gpt2, gpt2-xl, path/), or one of our .pt checkpoints
     n_layer: int = 12  # transformer blocks (scratch only)
@@ -96,22 +99,35 @@ class TrainConfig:
     n_embd: int = 768  # embedding width (scratch only)
     block_size: int = 1024  # the model's context length (scratch only)
     vocab_size: int = 50304  # 50257 padded to a multiple of 128 for fast matmuls; padded rows learn to be unlikely
+    model: ModelOptions = field(default_factory=ModelOptions)  # the architecture's options (scratch only)
     # batch: total = micro-batch x seq-len x GPUs x gradient-accumulation steps (computed)
     total_batch_size: int = 524288  # tokens per optimizer step: 2**19, ~0.5M as GPT-3 small
     micro_batch_size: int = 64  # sequences per forward pass per GPU; lower it if out of memory, the total stays
     seq_len: int = 1024  # tokens per sequence (<= the model's block size)
     # optimizer and schedule: GPT-3 small's
-    max_lr: float = 6e-4  # peak learning rate
-    min_lr_ratio: float = 0.1  # the cosine ends at this fraction of max-lr
+    optimizer: str = "adamw"  # adamw: AdamW on every parameter; muon: Muon on the blocks' matrices, AdamW on the rest
+    max_lr: float = 6e-4  # peak learning rate (AdamW's; under muon, of the AdamW groups without an lr of their own)
+    schedule: str = "cosine"  # cosine: warmup, cosine to min-lr; wsd: warmup, constant, linear cooldown to min-lr
+    min_lr_ratio: float = 0.1  # the schedule ends at this fraction of each group's peak lr
     warmup_steps: int = 715  # linear warmup: 375M tokens
+    cooldown_frac: float = 0.3  # wsd: the last fraction of --max-steps, in which the lr falls linearly to min-lr
     max_steps: int = 19073  # 10B tokens / 2**19 tokens per step: one epoch of FineWeb-Edu sample-10BT
-    weight_decay: float = 0.1  # on matrices and embeddings only
+    weight_decay: float = 0.1  # AdamW's, on matrices and embeddings only
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.95  # AdamW beta2
     eps: float = 1e-8  # AdamW epsilon
     grad_clip: float = 1.0  # clip the global gradient norm to this (0: no clipping)
+    muon_lr: float = 0.02  # muon: the blocks' matrices' peak lr (Keller Jordan's; torch's Muon default 1e-3 is not)
+    muon_momentum: float = 0.95  # muon: Nesterov momentum, reached after --muon-momentum-warmup steps
+    muon_momentum_start: float = 0.85  # muon: the momentum at step 0, linear to --muon-momentum over the warmup
+    muon_momentum_warmup: int = 300  # muon: steps of the momentum warmup (0: --muon-momentum from the start)
+    muon_weight_decay: float = 0.0  # muon: decoupled, lr x this a step (torch.optim.Muon's default 0.1 is not)
+    embed_lr: float | None = None  # muon: AdamW's peak lr for the embeddings (wte, wpe; tied, the head); default max-lr
+    head_lr: float | None = None  # muon: AdamW's peak lr for an untied lm_head (default: --max-lr)
+    scalar_lr: float | None = None  # muon: AdamW's peak lr for every vector: biases, norms' weights (default: --max-lr)
     # evaluation and samples
     eval_interval: int = 250  # validation, HellaSwag and samples every this many steps and at the last; 0: none
+    target_val_loss: float = 0.0  # >0: stop at the first validation <= this, logging its tokens and training time
     val_steps: int = 20  # validation batches per evaluation, the same tokens every time
     hellaswag: bool = True  # HellaSwag acc_norm at each evaluation (downloads the val set, or --hellaswag-file)
     hellaswag_file: str | None = None  # a local hellaswag_val.jsonl, for offline machines
@@ -139,10 +155,13 @@ class TrainConfig:
 
     def model_config(self) -> GPTConfig:
         """The model a scratch run builds (--init-from scratch)."""
-        return GPTConfig(self.block_size, self.vocab_size, self.n_layer, self.n_head, self.n_embd)
+        return GPTConfig(self.block_size, self.vocab_size, self.n_layer, self.n_head, self.n_embd,
+                         **dataclasses.asdict(self.model))
 
 
 SHARDS = ("ddp", "fsdp")  # --shard's choices
+OPTIMIZERS = ("adamw", "muon")  # --optimizer's
+SCHEDULES = ("cosine", "wsd")  # --schedule's
 
 PRESETS = {
     # the GPT-2 ladder, as llm.c's published runs (all: T=1024, vocab 50304, weight decay 0.1, clip 1.0,
@@ -172,7 +191,89 @@ PRESETS = {
         micro_batch_size=8, seq_len=512, max_lr=1e-4, warmup_steps=5, max_steps=50, eval_interval=10, val_steps=8,
         hellaswag=False, checkpoint_interval=0, loss_chunk=1024, num_samples=2, max_new_tokens=48, prompt="ROMEO:",
     ),
+    # modded-nanogpt's speedrun at its record 11 (records/track_1_short/2024-11-10_UNetDoubleLr, the log's script):
+    # 124M-sized with 6 heads of 128, 3000 steps of 8 x 64 x 1024 tokens on FineWeb sample-10BT (its cached
+    # fineweb10B), validation every 125 steps on 20 batches a rank (the record's 10,485,760 tokens on 8 GPUs),
+    # stopping at val loss 3.28: the speedrun's metric. The recipe's values for it are RECIPES["modern"]["speedrun"].
+    # Not in our model: the record's value residual, x0 shortcut and U-net skips, and its bf16 embedding and
+    # activations; HellaSwag is off, as in the record (--hellaswag adds it; its time is not counted)
+    "speedrun": dict(
+        recipe="modern", n_layer=12, n_head=6, n_embd=768, total_batch_size=524288, micro_batch_size=64, seq_len=1024,
+        max_steps=3000, eval_interval=125, val_steps=20, hellaswag=False, target_val_loss=3.28,
+        data=str(dataset_dir("fineweb10B")), log_dir="log_speedrun",
+    ),
 }
+
+# -----------------------------------------------------------------------------
+# Recipes (--recipe): what a recipe sets over a preset's values (and explicit flags over a recipe's). "gpt2" sets
+# nothing: the defaults and presets are GPT-2's recipe. "modern" is modded-nanogpt's speedrun: its architecture
+# (records 5-9: RoPE, QK-norm, ReLU^2, zero-initialised projections, untied zero-initialised head, RMSNorm also after
+# the embedding, logit softcap 30), Muon on the blocks' matrices with a momentum warmup, AdamW elsewhere, a WSD
+# schedule. "*" holds its general values, used with every preset that has no entry of its own; a preset's entry
+# goes over them.
+
+MODERN_ARCHITECTURE = dict(pos_emb="rope", norm="rmsnorm", qk_norm=True, mlp="relu2", bias=False, split_qkv=True,
+                           tie_embeddings=False, zero_init_proj=True, logit_softcap=30.0)
+RECIPES = {
+    "gpt2": {},
+    "modern": {
+        # records/track_1_short/2024-11-08_CastBf16 (record 10, the last without U-net skips, whose lrs record 11
+        # doubled): Muon 0.02 with momentum 0.85 -> 0.95 over 500 steps, Adam 0.3 on wte, 0.002 on the head, 0.02
+        # on vectors, no weight decay, no warmup, a cooldown over its last 926/3242 ~ 0.3, no clipping; AdamW's
+        # betas 0.8/0.95 and eps 1e-10 are the later records' (and nanochat's)
+        "*": dict(**MODERN_ARCHITECTURE, optimizer="muon", muon_lr=0.02, muon_momentum=0.95, muon_momentum_start=0.85,
+                  muon_momentum_warmup=500, muon_weight_decay=0.0, embed_lr=0.3, head_lr=0.002, scalar_lr=0.02,
+                  beta1=0.8, beta2=0.95, eps=1e-10, weight_decay=0.0, grad_clip=0.0, schedule="wsd",
+                  warmup_steps=0, cooldown_frac=0.3, min_lr_ratio=0.0),
+        # the quick start's modern twin. Provisional: starting values, not tuned. Muon at 0.02 (measured on this
+        # shape in issue 19, with AdamW elsewhere: val 5.25 vs 5.69); AdamW at the preset's 3e-2 on the embedding
+        # (its tuned value for a wte initialised at std 0.02), 2e-2 on the head (record 10's 0.002 x sqrt(768/32),
+        # nanochat's width rule for AdamW); the preset's 20 warmup steps; the momentum warmup at a sixth of the
+        # run (record 10: 500 of 3242 steps)
+        "shakespeare": dict(muon_lr=0.02, embed_lr=3e-2, head_lr=2e-2, scalar_lr=0.02, warmup_steps=20,
+                            muon_momentum_warmup=100),
+        # record 11 (records/track_1_short/2024-11-10_UNetDoubleLr, the script in its log): Muon 0.04, momentum
+        # 0.85 -> 0.95 over 500 steps; Adam (betas 0.9/0.95, torch's eps 1e-8) 0.6 on wte, 0.008 on the head,
+        # 0.04 on vectors; weight decay 0; no warmup; the last 900 of 3000 steps cool down to 0; no clipping.
+        # Its doubled lrs came with its U-net skips, which our model lacks
+        "speedrun": dict(muon_lr=0.04, embed_lr=0.6, head_lr=0.008, scalar_lr=0.04, beta1=0.9, beta2=0.95, eps=1e-8,
+                         muon_momentum_warmup=500, warmup_steps=0, cooldown_frac=0.3),
+    },
+}
+
+
+def recipe_values(recipe: str, preset: str | None) -> dict:
+    """What --recipe sets with this preset: its general values, then the preset's own entry over them."""
+    entries = RECIPES[recipe]
+    return {**entries.get("*", {}), **entries.get(preset, {})}
+
+
+def recipe_help() -> str:
+    return "Recipes: " + "; ".join(f"{name}{' for ' + preset if preset != '*' else ''}: {values}"
+                                   for name, entries in RECIPES.items() if entries
+                                   for preset, values in entries.items())
+
+
+def as_flag(name: str, value) -> str:
+    """A field's value as the flag that sets it: --qk-norm, --no-bias, --muon-lr 0.02."""
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return flag if value else "--no-" + flag[2:]
+    return f"{flag} {value}"
+
+
+def recipe_lines(cfg: TrainConfig) -> list[str]:
+    """The run's first lines: the recipe, the values it set, and the flags that overrode them (a value that is
+    not the recipe's can only come from a flag: flags are the one layer above it)."""
+    values = recipe_values(cfg.recipe, cfg.preset)
+    if not values:
+        return [f"recipe {cfg.recipe}: sets nothing (GPT-2's recipe is the defaults"
+                f"{' and the preset ' + cfg.preset if cfg.preset else ''}, under the flags given)"]
+    flat = {**dataclasses.asdict(cfg), **dataclasses.asdict(cfg.model)}
+    which = f"its values for --preset {cfg.preset}" if cfg.preset in RECIPES[cfg.recipe] else "its general values"
+    lines = [f"recipe {cfg.recipe}, {which}: " + " ".join(as_flag(k, v) for k, v in values.items())]
+    over = [f"{as_flag(k, flat[k])} (recipe: {v})" for k, v in values.items() if flat[k] != v]
+    return lines + ([f"flags over the recipe: {', '.join(over)}"] if over else [])
 
 
 def build_train_parser() -> argparse.ArgumentParser:
@@ -180,12 +281,16 @@ def build_train_parser() -> argparse.ArgumentParser:
         prog="train_gpt2.py",
         description="Train GPT-2. Subcommands: `train_gpt2.py sample --help`, `train_gpt2.py export --help`, "
                     "`train_gpt2.py plan --help`.",
-        epilog="Presets: " + "; ".join(f"{k}: {v}" for k, v in PRESETS.items()))
-    # flags not given stay unset, so a preset's values apply and explicit flags override them
+        epilog="Presets: " + "; ".join(f"{k}: {v}" for k, v in PRESETS.items()) + ". " + recipe_help() + ".")
+    # flags not given stay unset, so a preset's (and a recipe's) values apply and explicit flags override them
     add_dataclass_flags(p, TrainConfig, unset_is_absent=True, extra={
         "resume": dict(nargs="?", const="latest", metavar="CHECKPOINT"),
         "preset": dict(choices=sorted(PRESETS)),
+        "recipe": dict(choices=sorted(RECIPES)),
         "shard": dict(choices=SHARDS),
+        "optimizer": dict(choices=OPTIMIZERS),
+        "schedule": dict(choices=SCHEDULES),
+        **{name: dict(choices=choices) for name, choices in MODEL_CHOICES.items()},
         **SAMPLE_FLAG_ALIASES,
     })
     return p
@@ -195,11 +300,29 @@ def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
     return train_config(vars(build_train_parser().parse_args(argv)))
 
 
+MUON_FLAGS = ("muon_lr", "muon_momentum", "muon_momentum_start", "muon_momentum_warmup", "muon_weight_decay",
+              "embed_lr", "head_lr", "scalar_lr")  # what only --optimizer muon reads
+
+
 def train_config(args: dict) -> TrainConfig:
-    """The flags given (build_train_parser's namespace) over their preset's values over the defaults."""
-    values = {**PRESETS.get(args.get("preset"), {}), **args}
-    sample = {f.name: values.pop(f.name) for f in dataclasses.fields(SampleConfig) if f.name in values}
-    return TrainConfig(**values, sample=SampleConfig(**sample))
+    """The flags given (build_train_parser's namespace) over their recipe's values for the preset, over the
+    preset's values, over the defaults. --optimizer muon implies --split-qkv (from scratch): Muon orthogonalises
+    q, k and v one by one. A flag that this run would not read is an error."""
+    preset = PRESETS.get(args.get("preset"), {})
+    recipe = args.get("recipe", preset.get("recipe", "gpt2"))
+    values = {**preset, **recipe_values(recipe, args.get("preset")), **args, "recipe": recipe}
+    needs = {**{k: ("optimizer", "muon") for k in MUON_FLAGS}, "cooldown_frac": ("schedule", "wsd")}
+    for k, (what, value) in needs.items():
+        if k in args and values.get(what) != value:
+            raise TrainError(f"--{k.replace('_', '-')} applies to --{what} {value}, which this run does not use: "
+                             f"drop it, or add --{what} {value}")
+    if values.get("optimizer") == "muon" and values.get("init_from", "scratch") == "scratch":
+        if args.get("split_qkv") is False:
+            raise TrainError("--optimizer muon orthogonalises q, k and v one by one: drop --no-split-qkv")
+        values["split_qkv"] = True
+    groups = {name: {f.name: values.pop(f.name) for f in dataclasses.fields(cls) if f.name in values}
+              for name, cls in (("sample", SampleConfig), ("model", ModelOptions))}
+    return TrainConfig(**values, sample=SampleConfig(**groups["sample"]), model=ModelOptions(**groups["model"]))
 
 
 # -----------------------------------------------------------------------------
@@ -409,6 +532,71 @@ def configure_optimizer(model: nn.Module, weight_decay: float, lr: float, betas:
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=device_type == "cuda")
 
 
+# torch.optim.Muon's settings, every one given (its defaults are not Keller Jordan's): the quintic Newton-Schulz
+# iteration's coefficients and 5 steps (his muon.py's, which torch's also takes), its epsilon, Nesterov momentum,
+# and the update scaled by sqrt(max(1, rows / cols)) ("original": modded-nanogpt's `max(1, g.size(0)/g.size(1))**0.5`)
+MUON_NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+MUON_NS_STEPS = 5
+MUON_EPS = 1e-7
+MUON_ADJUST_LR = "original"
+
+
+def muon_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """--optimizer muon's groups: muon, every 2-D parameter inside the blocks (q, k, v, the projections, the MLP);
+    then AdamW's: embed, the other matrices (wte, wpe; with tied embeddings the head too), head (an untied
+    lm_head), scalar (every vector: biases, norms' weights). Empty groups are left out."""
+    in_blocks = {id(p) for p in model.transformer.h.parameters()}
+    groups = {"muon": [], "embed": [], "head": [], "scalar": []}
+    for name, p in model.named_parameters():  # tied weights appear once, as transformer.wte.weight
+        if not p.requires_grad:
+            continue
+        kind = ("muon" if id(p) in in_blocks and p.dim() == 2 else "head" if name == "lm_head.weight"
+                else "embed" if p.dim() >= 2 else "scalar")
+        groups[kind].append(p)
+    return {k: v for k, v in groups.items() if v}
+
+
+def configure_optimizers(model: nn.Module, cfg: TrainConfig, device_type: str):
+    """(AdamW, Muon or None): GPT-2's AdamW alone (configure_optimizer), or --optimizer muon's pair. Each group
+    carries its name (base_lr reads its lr by it); the lrs and Muon's momentum are set at every step."""
+    betas = (cfg.beta1, cfg.beta2)
+    if cfg.optimizer == "adamw":
+        return configure_optimizer(model, cfg.weight_decay, cfg.max_lr, betas, cfg.eps, device_type), None
+    groups = muon_groups(model)
+    decay = {"embed": cfg.weight_decay, "head": cfg.weight_decay, "scalar": 0.0}  # as AdamW's: not on vectors
+    adamw = torch.optim.AdamW([{"params": ps, "weight_decay": decay[k], "name": k} for k, ps in groups.items()
+                               if k != "muon"], lr=cfg.max_lr, betas=betas, eps=cfg.eps, fused=device_type == "cuda")
+    muon = torch.optim.Muon([{"params": groups.get("muon", []), "name": "muon"}], lr=cfg.muon_lr,
+                            weight_decay=cfg.muon_weight_decay, momentum=cfg.muon_momentum_start, nesterov=True,
+                            ns_coefficients=MUON_NS_COEFFICIENTS, eps=MUON_EPS, ns_steps=MUON_NS_STEPS,
+                            adjust_lr_fn=MUON_ADJUST_LR)
+    return adamw, muon
+
+
+def optimizer_lines(run: Run) -> list[str]:
+    """What trains which parameters, at which peak lr, and the schedule: for the run's first lines."""
+    cfg = run.cfg
+    count = lambda group: f"{sum(p.numel() for p in group['params']):,}"
+    name = lambda group: group.get("name", "decay" if group["weight_decay"] else "no decay")
+    groups = ", ".join(f"{name(g)} ({count(g)} parameters, lr {base_lr(cfg, g):g}, weight decay {g['weight_decay']:g})"
+                       for g in run.optimizer.param_groups)
+    lines = [f"optimizer {cfg.optimizer}: AdamW (betas {cfg.beta1}, {cfg.beta2}, eps {cfg.eps:g}) on {groups}"]
+    if run.muon is not None:
+        g = run.muon.param_groups[0]
+        lines[0] += (f"; Muon on the blocks' {len(g['params'])} matrices ({count(g)} parameters, lr {cfg.muon_lr:g} x "
+                     f"sqrt(max(1, rows/cols)), Nesterov momentum {cfg.muon_momentum_start:g} -> {cfg.muon_momentum:g} "
+                     f"over {cfg.muon_momentum_warmup} steps, weight decay {cfg.muon_weight_decay:g}, "
+                     f"{MUON_NS_STEPS} Newton-Schulz steps)")
+    if cfg.schedule == "wsd":
+        n = cooldown_steps(cfg.max_steps, cfg.cooldown_frac)
+        shape = f"constant, then linear over the last {n:,} steps (--cooldown-frac {cfg.cooldown_frac:g})"
+    else:
+        shape = "cosine"
+    lines.append(f"schedule {cfg.schedule}: warmup {cfg.warmup_steps:,} steps, {shape} to {cfg.min_lr_ratio:g}x the "
+                 f"peak lrs at step {cfg.max_steps:,}")
+    return lines
+
+
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
     """optimizer.load_state_dict, keeping this optimizer's implementation (fused / foreach / capturable).
 
@@ -430,6 +618,60 @@ def get_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int, max_steps
     decay_ratio = (step - warmup_steps) / (max_steps - warmup_steps)
     coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # 1 -> 0
     return min_lr + coeff * (max_lr - min_lr)
+
+
+def cooldown_steps(max_steps: int, cooldown_frac: float) -> int:
+    """--cooldown-frac of the steps, at least one."""
+    return max(1, round(cooldown_frac * max_steps))
+
+
+def get_wsd_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int, max_steps: int, cooldown: int) -> float:
+    """Warmup-stable-decay (trapezoidal): linear warmup to max_lr, constant, then over the last `cooldown` steps
+    linearly down to min_lr, reached at max_steps (the last step trains at 1/cooldown of the way above it), then
+    min_lr. As modded-nanogpt's: with min_lr 0 its record 11 (3000 steps, 900 of cooldown) has 1.0 at step 2100
+    and 1/900 at step 2999."""
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    if step >= max_steps:
+        return min_lr
+    decay_ratio = min(1.0, (max_steps - step) / cooldown)  # 1 until the cooldown, then -> 0
+    return min_lr + decay_ratio * (max_lr - min_lr)
+
+
+def muon_momentum(step: int, start: float, end: float, warmup_steps: int) -> float:
+    """Muon's momentum, linear from start to end over the first warmup_steps steps (modded-nanogpt's warmup)."""
+    frac = min(step / warmup_steps, 1.0) if warmup_steps > 0 else 1.0
+    return (1 - frac) * start + frac * end
+
+
+def base_lr(cfg: TrainConfig, group: dict) -> float:
+    """A param group's peak lr, which the schedule scales: --max-lr for every AdamW group (GPT-2's recipe); under
+    muon, each group's own flag (its default --max-lr), Muon's --muon-lr. Read from the flags at every step, so
+    that a resumed run takes the lrs it was given."""
+    if cfg.optimizer == "adamw":
+        return cfg.max_lr
+    own = {"muon": cfg.muon_lr, "embed": cfg.embed_lr, "head": cfg.head_lr, "scalar": cfg.scalar_lr}[group["name"]]
+    return cfg.max_lr if own is None else own
+
+
+def set_schedule(run: Run, step: int) -> tuple[float, float | None]:
+    """Every group's lr at this step (its peak lr through --schedule), Muon's momentum; returns the lr logged
+    (the matrices' group: AdamW's under adamw, Muon's under muon) and the momentum (None without Muon)."""
+    cfg = run.cfg
+    for optimizer in run.optimizers:
+        for group in optimizer.param_groups:
+            peak = base_lr(cfg, group)
+            if cfg.schedule == "wsd":
+                lr = get_wsd_lr(step, peak, peak * cfg.min_lr_ratio, cfg.warmup_steps, cfg.max_steps,
+                                cooldown_steps(cfg.max_steps, cfg.cooldown_frac))
+            else:  # as GPT-2's recipe always computed it: the same floats
+                lr = get_lr(step, peak, peak * cfg.min_lr_ratio, cfg.warmup_steps, cfg.max_steps)
+            group["lr"] = lr
+    if run.muon is None:
+        return run.optimizer.param_groups[0]["lr"], None
+    momentum = muon_momentum(step, cfg.muon_momentum_start, cfg.muon_momentum, cfg.muon_momentum_warmup)
+    run.muon.param_groups[0]["momentum"] = momentum
+    return run.muon.param_groups[0]["lr"], momentum
 
 
 # -----------------------------------------------------------------------------
@@ -617,12 +859,17 @@ class Metrics:
         "hella": (".4f", "HellaSwag acc_norm {:.4f}"),
         "train": (".6f", "loss {:.6f}"),
         "lr": (".6e", "lr {:.4e}"),
+        "momentum": (".4f", "momentum {:.4f}"),  # Muon's (--optimizer muon only)
         "norm": (".4f", "norm {:.4f}"),
         "dt": (None, "dt {:.2f}ms"),  # seconds, shown in milliseconds
         "tokens_per_sec": (".1f", "tok/sec {:,.0f}"),
         "mfu": (".4f", "mfu {:.1%}"),
         "skipped": ("g", "gradients overflowed float16: step skipped, loss scale now {:g}"),  # the new scale
         "spike": (".6f", "loss {:.6f} is a spike"),  # --spike-guard: the loss of a step it undid
+        # --target-val-loss, at the evaluation that reached it: the tokens trained and the seconds spent in training
+        # steps (Run.train_time) to get there, the speedrun's metric
+        "target_tokens": ("d", "target reached after {:,} tokens"),
+        "target_time": (".3f", "{:.1f} s of training"),
     }
 
     def __init__(self, cfg: TrainConfig, dist: Dist, start_step: int):
@@ -727,10 +974,11 @@ def peak_memory(dist: Dist) -> str:
 
 def flops_per_token(config: GPTConfig, T: int) -> int:
     """Training FLOPs per token, this project's MFU definition: 6N for the matmuls with the parameters
-    (forward + backward; N all parameters, the tied embedding once, padded vocab included; an untied wte
-    left out: a lookup, while its lm_head is the matmul) + 6*L*C*T for attention's two T-long matmuls per
-    layer, half of them skipped by the causal mask. (nanoGPT and the PaLM paper count 12*L*C*T without the
-    discount and leave wpe out: about 6% more at T=1024.)"""
+    (forward + backward; N all parameters, the tied embedding once, padded vocab included) + 6*L*C*T for
+    attention's two T-long matmuls per layer, half of them skipped by the causal mask. (nanoGPT and the
+    PaLM paper count 12*L*C*T without the discount and leave wpe out: about 6% more at T=1024.) An untied wte
+    is a lookup, not a matmul: left out of N (the head's matrix stays). A learned wpe, a lookup too, stays in N
+    as it always was (0.6% of GPT-2 124M's), so that GPT-2's MFU keeps its meaning."""
     lookup = 0 if config.tie_embeddings else config.vocab_size * config.n_embd
     return 6 * (config.num_parameters() - lookup) + 6 * config.n_layer * config.n_embd * T
 
@@ -759,6 +1007,12 @@ class Run:
     spike_guard: SpikeGuard | None = None  # --spike-guard's
     start_step: int = 0
     val_loss: float | None = None
+    muon: torch.optim.Muon | None = None  # --optimizer muon's, beside `optimizer` (then AdamW on the rest)
+    train_time: float = 0.0  # seconds in training steps since step 0, across resumes (--target-val-loss reports it)
+
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.optimizer] + ([self.muon] if self.muon is not None else [])
 
     def autocast(self):
         if self.autocast_dtype is None:
@@ -822,6 +1076,7 @@ def save_run(run: Run, step: int) -> Path | None:
     state = lambda: {**model_entries(run.raw_model, weights), "optimizer": optimizer, "step": step,
                      "val_loss": run.val_loss, "loader": run.train_loader.state_dict(), "rng": rng,
                      "args": dataclasses.asdict(run.cfg), "world_size": run.dist.world_size,
+                     "muon": run.muon.state_dict() if run.muon is not None else None, "train_time": run.train_time,
                      "scaler": run.scaler.state_dict() if run.scaler is not None else None,
                      "spike_guard": run.spike_guard.state_dict() if run.spike_guard is not None else None}
 
@@ -844,6 +1099,10 @@ def restore_run(run: Run, ckpt: dict, weights: bool = False) -> None:
     if is_sharded(run.raw_model):
         optimizer = shard_optimizer_state(optimizer, run.optimizer)
     load_optimizer_state(run.optimizer, optimizer)
+    if run.muon is not None:  # open_resume checked that the checkpoint's run had Muon too
+        load_optimizer_state(run.muon, ckpt["muon"])
+    if not weights:  # a rewind keeps counting the time of the steps it undoes: they were spent
+        run.train_time = ckpt.get("train_time", 0.0)
     if run.scaler is not None and ckpt.get("scaler"):  # the loss scale a float16 run had reached
         run.scaler.load_state_dict(ckpt["scaler"])
     run.train_loader.load_state_dict(ckpt["loader"])
@@ -877,8 +1136,11 @@ def open_resume(cfg: TrainConfig, world_size: int) -> tuple[dict | None, Path | 
     ckpt = load_checkpoint(path)
     if any(k not in ckpt for k in RUN_STATE):
         raise TrainError(f"--resume {path}: a model without a run's state: start from it with --init-from {path}")
-    if cfg.init_from == "scratch":
-        diff = _differences(ckpt["config"], dataclasses.asdict(cfg.model_config()))
+    if ckpt["args"].get("optimizer", "adamw") != cfg.optimizer:  # before the architecture options: muon sets one
+        raise TrainError(f"--resume: the checkpoint's run had --optimizer {ckpt['args'].get('optimizer', 'adamw')}, "
+                         f"this run {cfg.optimizer}: pass the flags (or --recipe) of the run that wrote it")
+    if cfg.init_from == "scratch":  # a checkpoint older than the architecture options has GPT-2's: filled in
+        diff = _differences(dataclasses.asdict(GPTConfig(**ckpt["config"])), dataclasses.asdict(cfg.model_config()))
         if diff:
             raise TrainError(f"--resume: the checkpoint is another model shape ({diff}): "
                              "pass the flags (or --preset) of the run that wrote it")
@@ -928,6 +1190,34 @@ def check_spike_guard(cfg: TrainConfig) -> None:
         raise TrainError(f"--max-rewinds {cfg.max_rewinds}: give 0 (stop at the first spike) or more")
 
 
+def check_recipe(cfg: TrainConfig) -> None:
+    """The architecture options, the optimizer, the schedule and --target-val-loss."""
+    plain = ModelOptions()
+    changed = [as_flag(k, v) for k, v in dataclasses.asdict(cfg.model).items() if v != getattr(plain, k)]
+    if cfg.init_from != "scratch" and changed:
+        by = f" (--recipe {cfg.recipe} sets them)" if recipe_values(cfg.recipe, cfg.preset) else ""
+        raise TrainError(f"--init-from {cfg.init_from}: the architecture comes from its weights, so {' '.join(changed)}"
+                         f"{by} cannot apply: drop them, or train from scratch")
+    if cfg.optimizer not in OPTIMIZERS or cfg.schedule not in SCHEDULES:
+        raise TrainError(f"--optimizer {cfg.optimizer} --schedule {cfg.schedule}: use one of {', '.join(OPTIMIZERS)}, "
+                         f"and one of {', '.join(SCHEDULES)}")
+    if cfg.optimizer == "muon" and cfg.shard == "fsdp":
+        raise TrainError("--optimizer muon with --shard fsdp: torch.optim.Muon cannot step sharded (DTensor) "
+                         "parameters, and each matrix must be orthogonalised whole: use --shard ddp")
+    if cfg.optimizer == "muon" and cfg.init_from == "scratch" and not cfg.model.split_qkv:
+        raise TrainError("--optimizer muon orthogonalises q, k and v one by one: it needs --split-qkv")
+    momenta = (cfg.muon_momentum_start, cfg.muon_momentum)
+    lrs = [v for v in (cfg.muon_lr, cfg.embed_lr, cfg.head_lr, cfg.scalar_lr) if v is not None]
+    if not all(0 <= m < 1 for m in momenta) or cfg.muon_momentum_warmup < 0 or min(lrs) < 0:
+        raise TrainError("--muon-momentum and --muon-momentum-start take a momentum in [0, 1), --muon-momentum-warmup "
+                         "a number of steps >= 0, the lrs numbers >= 0")
+    if cfg.schedule == "wsd" and not 0 < cfg.cooldown_frac <= 1:
+        raise TrainError(f"--cooldown-frac {cfg.cooldown_frac}: give the fraction of steps that cool down, in (0, 1]")
+    if cfg.target_val_loss < 0 or (cfg.target_val_loss > 0 and cfg.eval_interval <= 0):
+        raise TrainError(f"--target-val-loss {cfg.target_val_loss}: give a loss > 0 (0: none), with an "
+                         "--eval-interval > 0 to measure it")
+
+
 def build_model(cfg: TrainConfig, ckpt: dict | None) -> GPT:
     if ckpt is not None:
         model = model_from_checkpoint(ckpt)
@@ -939,6 +1229,9 @@ def build_model(cfg: TrainConfig, ckpt: dict | None) -> GPT:
         except OSError as e:  # transformers' word for a name it cannot find or download
             raise TrainError(f"--init-from {cfg.init_from}: {one_line(e)}") from None
     c, sample = model.config, cfg.sample
+    if cfg.optimizer == "muon" and not c.split_qkv:
+        raise TrainError(f"--optimizer muon orthogonalises q, k and v one by one: --init-from {cfg.init_from} has "
+                         "GPT-2's joint c_attn matrix (fine-tune it with --optimizer adamw)")
     if cfg.seq_len > c.block_size:
         raise TrainError(f"--seq-len {cfg.seq_len} exceeds the model's block size {c.block_size}")
     if cfg.eval_interval <= 0 or not (cfg.hellaswag or sample.num_samples > 0):
@@ -1002,6 +1295,7 @@ def setup(cfg: TrainConfig, dist: Dist) -> Run:
     torch.manual_seed(cfg.seed)
     grad_accum = check_batch(cfg, dist.world_size)
     check_spike_guard(cfg)
+    check_recipe(cfg)
     autocast_dtype = setup_precision(cfg.dtype, dist.device_type)
     others = lambda what: TrainError(f"another rank could not {what} (see its error)")
     ckpt, ckpt_path = on_every_rank(lambda: open_resume(cfg, dist.world_size), dist, others("read the checkpoint"))
@@ -1011,11 +1305,10 @@ def setup(cfg: TrainConfig, dist: Dist) -> Run:
     hella = on_every_rank(lambda: load_hellaswag(cfg, dist, raw_model.config.block_size),
                           dist, others("load HellaSwag")) if need_eval and cfg.hellaswag else None
     compiled, model, use_compile = wrap_model(raw_model, cfg, dist)
-    optimizer = configure_optimizer(raw_model, cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), cfg.eps,
-                                    dist.device_type)  # after sharding: it must hold the sharded parameters
+    optimizer, muon = configure_optimizers(raw_model, cfg, dist.device_type)  # after sharding: the sharded params
     run = Run(cfg, dist, raw_model, compiled, model, optimizer, loss_scaler(autocast_dtype, cfg, dist), train_loader,
               val_loader, hella, autocast_dtype, grad_accum, flops_per_token(raw_model.config, cfg.seq_len),
-              peak_flops(dist.device, bf16=autocast_dtype is not None))  # fp32 matmuls: TF32
+              peak_flops(dist.device, bf16=autocast_dtype is not None), muon=muon)  # fp32 matmuls: TF32
     run.spike_guard = SpikeGuard(cfg.spike_threshold, cfg.spike_window, ckpt_path) if cfg.spike_guard else None
     if ckpt is not None:
         restore_run(run, ckpt)
@@ -1027,6 +1320,8 @@ def setup(cfg: TrainConfig, dist: Dist) -> Run:
                       f"{cfg.shard} | grad accumulation {grad_accum} | {cfg.total_batch_size:,} tokens/step | compile "
                       f"{use_compile} | autocast {autocast_dtype or 'off'}{' with loss scaling' if run.scaler else ''}"
                       f"{' | activation checkpointing' if cfg.activation_checkpointing else ''}")
+    for line in recipe_lines(cfg) + optimizer_lines(run):
+        run.metrics.print(line)
     if cfg.dtype == "auto" and autocast_dtype == torch.float16:
         run.metrics.print("--dtype auto: this GPU has no bfloat16, so float16 autocast with loss scaling")
     return run
@@ -1141,17 +1436,24 @@ def backward(run: Run, stop: StopSignal) -> torch.Tensor:
             loss_accum += loss.detach()
             (run.scaler.scale(loss) if run.scaler is not None else loss).backward()
     if run.scaler is not None:
-        run.scaler.unscale_(run.optimizer)  # the true gradients, for the norm and its clipping
+        for optimizer in run.optimizers:
+            run.scaler.unscale_(optimizer)  # the true gradients, for the norm and its clipping
     norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
     norm = whole(norm)  # under fsdp, the norm over every rank's shard
     return torch.stack([loss_accum.float(), torch.full((), float(stop.requested), device=device), norm.float()])
 
 
-def optimizer_step(run: Run) -> None:
+def optimizer_step(run: Run, norm: torch.Tensor) -> None:
+    """Every optimizer's step; under float16 through the scaler, which skips a step whose gradients overflowed.
+    GradScaler decides for each optimizer from its own gradients: with Muon and AdamW, an overflow in one skips
+    both here (norm, the unscaled gradients' norm over all of them, is then not finite)."""
     if run.scaler is None:
-        run.optimizer.step()
+        for optimizer in run.optimizers:
+            optimizer.step()
         return
-    run.scaler.step(run.optimizer)  # skipped if any gradient overflowed (inf / nan)
+    if len(run.optimizers) == 1 or torch.isfinite(norm).item():  # one optimizer: GradScaler's own decision
+        for optimizer in run.optimizers:
+            run.scaler.step(optimizer)  # skipped if any of its gradients overflowed (inf / nan)
     run.scaler.update()  # halves the scale after an overflow, doubles it after 2000 clean steps
 
 
@@ -1160,16 +1462,16 @@ def train_step(run: Run, step: int, stop: StopSignal) -> dict:
     loss, the gradient norm and whether any rank was asked to stop, all three in one tensor."""
     cfg, dist = run.cfg, run.dist
     t0 = time.perf_counter()
-    run.optimizer.zero_grad(set_to_none=True)
+    for optimizer in run.optimizers:
+        optimizer.zero_grad(set_to_none=True)
     stats = backward(run, stop)
-    lr = get_lr(step, cfg.max_lr, cfg.max_lr * cfg.min_lr_ratio, cfg.warmup_steps, cfg.max_steps)
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr
+    lr, momentum = set_schedule(run, step)
     # the loss and the stop requests summed over ranks: every rank logs the same loss and stops at the same step
     all_reduce_sum(stats[:2])
-    optimizer_step(run)
+    optimizer_step(run, stats[2])
     loss_sum, stops, norm = stats.tolist()  # the step's one sync: queued after the update, it waits for all of it
     dt = time.perf_counter() - t0
+    run.train_time += dt
     loss = loss_sum / dist.world_size
     # float16: gradients that overflow were not applied (the scaler skipped the step); anything else non-finite
     # means the weights are lost, and stops the run before any checkpoint holds them
@@ -1181,7 +1483,7 @@ def train_step(run: Run, step: int, stop: StopSignal) -> dict:
     tokens_per_sec = cfg.total_batch_size / dt
     mfu = tokens_per_sec * run.flops_per_token / run.peak_flops / dist.world_size if run.peak_flops else None
     return {"loss": loss, "lr": lr, "norm": norm, "dt": dt, "tokens_per_sec": tokens_per_sec, "mfu": mfu,
-            "stop": stops > 0, "skipped": skipped}
+            "stop": stops > 0, "skipped": skipped, "momentum": momentum}
 
 
 # -----------------------------------------------------------------------------
@@ -1257,6 +1559,27 @@ def rewind(run: Run, step: int, loss: float, why: str) -> int:
 # The training loop
 
 
+def reached_target(run: Run, step: int, checkpoints: list[str]) -> bool:
+    """--target-val-loss: whether the evaluation at `step` (of the weights after steps 0..step-1) reached it. If so,
+    logs the speedrun's metric, the tokens trained (step x tokens per step) and the training time (Run.train_time:
+    the training steps' own time, compilation in the first ones included; evaluations, checkpoints and set-up not;
+    carried over resumes), and checkpoints those weights, as step - 1. Every rank decides alike (the val loss is
+    all-reduced), and every rank takes part in the checkpoint."""
+    cfg, metrics = run.cfg, run.metrics
+    if not cfg.target_val_loss or run.val_loss > cfg.target_val_loss:
+        return False
+    tokens = step * cfg.total_batch_size
+    metrics.log(step, target_tokens=tokens, target_time=run.train_time)
+    path = save_run(run, step - 1) if step > 0 else None
+    if path is not None and str(path) not in checkpoints:
+        checkpoints.append(str(path))
+    saved = f"saved {path}" if path else "nothing trained yet"
+    metrics.print(f"--target-val-loss {cfg.target_val_loss} reached: val loss {run.val_loss:.4f} after {step:,} "
+                  f"steps, {tokens:,} tokens, {duration(run.train_time)} of training steps; stopped ({saved}; to go "
+                  "on: --resume --target-val-loss 0)")
+    return True
+
+
 def loop(run: Run, on_step=None) -> dict:
     cfg, metrics, guard = run.cfg, run.metrics, run.spike_guard
     checkpoints, step, done = [], run.start_step, run.start_step - 1
@@ -1265,14 +1588,16 @@ def loop(run: Run, on_step=None) -> dict:
             last_step = step == cfg.max_steps - 1
             if cfg.eval_interval > 0 and (step % cfg.eval_interval == 0 or last_step):
                 evaluate(run, step)
+                if reached_target(run, step, checkpoints):
+                    break
 
             stats = train_step(run, step, stop)
             why = guard.check(stats["loss"]) if guard is not None else None
             if why is not None:  # before the step's checkpoint: a spiked step is never saved
                 step = rewind(run, step, stats["loss"], why)
                 continue
-            metrics.log(step, train=stats["loss"], **{k: stats[k] for k in ("lr", "norm", "dt", "tokens_per_sec",
-                                                                            "mfu", "skipped")})
+            metrics.log(step, train=stats["loss"], **{k: stats[k] for k in ("lr", "momentum", "norm", "dt",
+                                                                            "tokens_per_sec", "mfu", "skipped")})
 
             stopping = stats["stop"] or step == cfg.stop_after_step
             periodic = cfg.checkpoint_interval > 0 and step > 0 and step % cfg.checkpoint_interval == 0
@@ -1357,13 +1682,25 @@ def logits_bytes(c: GPTConfig, tokens: int, dtype_bytes: int, loss_chunk: int) -
     return rows * c.vocab_size * (8 + dtype_bytes) + (c.vocab_size * c.n_embd * 4 if loss_chunk > 0 else 0)
 
 
+def optimizer_state_bytes(cfg: TrainConfig, n: int) -> dict[str, int]:
+    """The optimizer state one GPU holds (n: the GPUs FSDP splits it over): AdamW's two fp32 moments a parameter;
+    under muon, Muon's one fp32 momentum buffer for the blocks' matrices and AdamW's two for each of its groups,
+    counted on the model the run builds (made on the meta device: no memory)."""
+    if cfg.optimizer == "adamw":
+        return {"AdamW state (fp32 m, v)": 8 * cfg.model_config().num_parameters() // n}
+    with torch.device("meta"):
+        groups = {k: sum(p.numel() for p in ps) for k, ps in muon_groups(GPT(cfg.model_config())).items()}
+    parts = {"Muon momentum (fp32): block matrices": 4 * groups.pop("muon", 0) // n}
+    return parts | {f"AdamW state (fp32 m, v): {k}": 8 * size // n for k, size in groups.items()}
+
+
 def plan_memory(cfg: TrainConfig, gpus: int, B: int, dtype_bytes: int) -> dict[str, int]:
     """Bytes one GPU holds at its peak, by what they are."""
     c, P = cfg.model_config(), cfg.model_config().num_parameters()
     fsdp = cfg.shard == "fsdp"
     accumulating = cfg.total_batch_size > B * cfg.seq_len * gpus and not cfg.reduce_every_micro_step
     n = gpus if fsdp else 1  # FSDP splits the model states over the GPUs
-    parts = {"weights (fp32)": 4 * P // n, "gradients (fp32)": 4 * P // n, "AdamW state (fp32 m, v)": 8 * P // n}
+    parts = {"weights (fp32)": 4 * P // n, "gradients (fp32)": 4 * P // n, **optimizer_state_bytes(cfg, n)}
     if fsdp:  # gathered (fp32): the root unit (embeddings, ln_f) and two blocks (this one and the next,
         block = c.block_parameters()  # prefetched); the root's gradients before their reduction
         root = P - c.n_layer * block
@@ -1397,7 +1734,7 @@ def plan_report(cfg: TrainConfig, plan: PlanConfig) -> list[str]:
     total, accum = sum(parts.values()), cfg.total_batch_size // (cfg.micro_batch_size * cfg.seq_len * gpus)
     lines = [f"{c.num_parameters():,} parameters ({c.n_layer} layers, {c.n_head} heads, {c.n_embd} wide) on {gpus} x "
              f"{plan.gpu} ({memory / GIB:.0f} GiB) | --shard {cfg.shard} | activation checkpointing "
-             f"{'on' if cfg.activation_checkpointing else 'off'} | {dtype} autocast",
+             f"{'on' if cfg.activation_checkpointing else 'off'} | {dtype} autocast | --optimizer {cfg.optimizer}",
              f"micro-batch {cfg.micro_batch_size} x {cfg.seq_len} tokens, gradient accumulation {accum}", "per GPU:"]
     lines += [f"  {name:<40} {v / GIB:8.2f} GiB" for name, v in parts.items() if v]
     verdict = "fits" if total <= memory else "does NOT fit"
@@ -1437,6 +1774,7 @@ def plan_main(argv: list[str]) -> None:
     if plan.gpus < 1 or not 0 < plan.mfu <= 1 or plan.price < 0 or (plan.gpu_memory or 1) <= 0:
         raise TrainError("--gpus, --gpu-memory and --price take positive numbers, --mfu a fraction in (0, 1]")
     check_batch(cfg, plan.gpus)  # the training run's own checks: divisibility, fsdp on one GPU, ...
+    check_recipe(cfg)
     print("\n".join(plan_report(cfg, plan)))
 
 

@@ -7,15 +7,19 @@ Training speed and memory: ms/step, tokens/s, MFU and peak memory per rank of tr
     python bench/bench_train.py --nproc 8 --shards ddp,fsdp --activation-checkpointing off,on --micro-batch-sizes 16 \\
         --n-layer 48 --n-head 25 --n-embd 1600                 # GPT-2 XL's memory: sharding and recomputation
     python bench/bench_train.py --preset shakespeare --micro-batch-sizes 8 --compile off --loss-chunks 0,1024  # CPU
+    python bench/bench_train.py --preset speedrun --recipes gpt2,modern --micro-batch-sizes 64   # the speedrun's
+        # shape: GPT-2's recipe beside the modern one (Muon's step, RoPE, untied head, ...)
 
 Each configuration runs train_gpt2.train() itself (the code a real run executes: autocast, compile,
 fused AdamW, clipping, the loss all-reduce, FSDP) for --warmup steps, which are not timed (compilation,
-allocator, cuDNN autotuning), and then --steps timed steps. It sweeps micro-batch, compile, --loss-chunk,
---shard, --activation-checkpointing and --dtype; each row's speed is compared with its baseline, the
-first configuration of the same micro-batch and compile setting (loss chunk 0 and the first shard,
-checkpointing and dtype listed), measured in the same run. A step is one micro-batch per rank (no
-gradient accumulation), as in the reference's "ms per 16x1024-token step". Timing and MFU come from the
-loop's own per-step numbers (it synchronizes the GPU before stopping the clock): the medians are printed.
+allocator, cuDNN autotuning), and then --steps timed steps. It sweeps micro-batch, compile, --recipe,
+--loss-chunk, --shard, --activation-checkpointing and --dtype; each row's speed is compared with its baseline,
+the first configuration of the same micro-batch and compile setting (the first recipe listed, loss chunk 0 and
+the first shard, checkpointing and dtype listed), measured in the same run. MFU counts the model's FLOPs
+(train_gpt2.flops_per_token), not the optimizer's: Muon's Newton-Schulz iterations cost time, not MFU. A step
+is one micro-batch per rank (no gradient accumulation), as in the reference's "ms per 16x1024-token step".
+Timing and MFU come from the loop's own per-step numbers (it synchronizes the GPU before stopping the clock):
+the medians are printed.
 
 Each configuration runs in fresh processes: `python` for one rank, `torchrun --nproc_per_node N` for
 --nproc N (fsdp needs 2 or more). Peak memory per rank is torch.cuda.max_memory_allocated on a GPU and
@@ -138,22 +142,26 @@ def launch(run_args: list[str], nproc: int, warmup: int, steps: int, folder: Pat
 
 
 def sweep(args, train_flags: list[str]) -> list[tuple]:
-    """The configurations: (micro-batch, compile, loss chunk, shard, activation checkpointing, dtype)."""
+    """The configurations: (micro-batch, compile, recipe, loss chunk, shard, activation checkpointing, dtype).
+    Without --recipes, the recipe is the train flags' own (--recipe, or a preset's)."""
     split = lambda v: [c.strip() for c in v.split(",")]
     batch_sizes = [int(b) for b in split(args.micro_batch_sizes)]
     compile_modes, shards, acs, dtypes = (split(v) for v in (args.compile, args.shards, args.activation_checkpointing,
                                                              args.dtypes))
+    recipes = split(args.recipes) if args.recipes else [tg.parse_train_args(train_flags).recipe]
     loss_chunks = sorted({int(c) for c in split(args.loss_chunks)})  # 0 first: the baseline of the others
     bad = [f"--compile {c}" for c in compile_modes + acs if c not in ("on", "off")]
     bad += [f"--shards {s}" for s in shards if s not in tg.SHARDS] + [f"--dtypes {d}" for d in dtypes
                                                                       if d not in gpt2.DTYPES]
+    bad += [f"--recipes {r}" for r in recipes if r not in tg.RECIPES]
     if bad or min(batch_sizes) < 1 or min(loss_chunks) < 0 or args.steps < 1:
         raise ValueError(f"{', '.join(bad) or 'a number'} not understood: --compile and --activation-checkpointing "
-                         "take on/off, --shards ddp/fsdp, --dtypes auto/bfloat16/float16/float32, --micro-batch-sizes "
-                         "positive integers, --loss-chunks integers >= 0, --steps at least 1")
+                         "take on/off, --shards ddp/fsdp, --dtypes auto/bfloat16/float16/float32, --recipes "
+                         f"{'/'.join(tg.RECIPES)}, --micro-batch-sizes positive integers, --loss-chunks integers >= 0, "
+                         "--steps at least 1")
     if "fsdp" in shards and args.nproc < 2:
         raise ValueError("--shards fsdp needs --nproc 2 or more (the model is split over the ranks)")
-    return list(itertools.product(batch_sizes, compile_modes, loss_chunks, shards, acs, dtypes))
+    return list(itertools.product(batch_sizes, compile_modes, recipes, loss_chunks, shards, acs, dtypes))
 
 
 def main(argv=None) -> None:
@@ -162,6 +170,8 @@ def main(argv=None) -> None:
     p.add_argument("--data", default="", help="a shard folder (default: random tokens in a temporary folder)")
     p.add_argument("--micro-batch-sizes", default="16,32,64", help="comma-separated sequences per step to sweep")
     p.add_argument("--compile", default="on,off", help="comma-separated: on, off or both")
+    p.add_argument("--recipes", default="", help="comma-separated --recipe values (gpt2, modern) to sweep "
+                                                 "(default: the train flags' own)")
     p.add_argument("--loss-chunks", default="0", help="comma-separated --loss-chunk values to sweep (0: one matmul)")
     p.add_argument("--shards", default="ddp", help="comma-separated --shard values: ddp, fsdp (needs --nproc >= 2)")
     p.add_argument("--activation-checkpointing", default="off", help="comma-separated: off, on or both")
@@ -190,19 +200,20 @@ def main(argv=None) -> None:
         print(f"{datetime.date.today()} | {device} ({device_name(device)}) x {args.nproc} rank(s) | torch "
               f"{torch.__version__} | data {'random tokens' if not args.data else data} | T={T} | {args.warmup} "
               f"warm-up + {args.steps} timed steps, one micro-batch per rank each")
-        print("\n| micro-batch | compile | loss chunk | shard | act. ckpt | dtype | ms/step | speed vs baseline | "
-              "tokens/s | MFU | peak memory per rank |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        print("\n| micro-batch | compile | recipe | loss chunk | shard | act. ckpt | dtype | ms/step | speed vs "
+              "baseline | tokens/s | MFU | peak memory per rank |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         baseline = {}  # (B, compile) -> ms/step of its first configuration
-        for i, (B, mode, chunk, shard, ac, dtype) in enumerate(configs):
-            run_args = [*train_flags, "--data", str(data), "--log-dir", str(tmp / f"log_{i}"),
+        for i, (B, mode, recipe, chunk, shard, ac, dtype) in enumerate(configs):
+            run_args = [*train_flags, "--recipe", recipe, "--data", str(data), "--log-dir", str(tmp / f"log_{i}"),
                         "--micro-batch-size", str(B), "--total-batch-size", str(B * T * args.nproc),
                         "--loss-chunk", str(chunk), "--shard", shard, "--dtype", dtype, "--eval-interval", "0",
-                        "--no-hellaswag", "--num-samples", "0", "--compile" if mode == "on" else "--no-compile",
+                        "--target-val-loss", "0", "--no-hellaswag", "--num-samples", "0",
+                        "--compile" if mode == "on" else "--no-compile",
                         "--activation-checkpointing" if ac == "on" else "--no-activation-checkpointing"]
             (tmp / f"result_{i}").mkdir()
             r = launch(run_args, args.nproc, args.warmup, args.steps, tmp / f"result_{i}", cuda)
-            row = f"| {B} | {mode} | {chunk or '-'} | {shard} | {ac} | {dtype} | "
+            row = f"| {B} | {mode} | {recipe} | {chunk or '-'} | {shard} | {ac} | {dtype} | "
             if r["oom"]:
                 print(row + "out of memory | | | | |", flush=True)
                 continue

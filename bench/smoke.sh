@@ -26,11 +26,13 @@ if [[ $DEVICE == cuda* ]]; then  # the default recipe's model and batch; a 12-st
     BATCH=(--micro-batch-size 64 --seq-len $SEQ --total-batch-size 524288)
     HELLA_EXAMPLES=10042 BENCH_B=64 BENCH_CHUNKS=0,8192 BENCH_COMPILE=on,off BENCH_STEPS=(--warmup 5 --steps 10)
     GEN=(--max-new-tokens 256 --repeats 3) HELLA_BENCH=(-m "$WORK/run/model_00011.pt" -n 10042 --batched-only)
+    MODERN_COMPILE=--compile
 else  # tiny shapes, the same stages
     MODEL=(--n-layer 2 --n-head 2 --n-embd 64 --block-size 256) SEQ=64
     BATCH=(--micro-batch-size 4 --seq-len $SEQ --total-batch-size 512)
     HELLA_EXAMPLES=24 BENCH_B=4 BENCH_CHUNKS=0,64 BENCH_COMPILE=off BENCH_STEPS=(--warmup 1 --steps 3)
     GEN=(--max-new-tokens 16 --repeats 1) HELLA_BENCH=(-n 16 --repeats 1 --layers 1 --width 64)
+    MODERN_COMPILE=--no-compile  # the train stage compiles on the CPU too; twice would double the stage's time
 fi
 GEN_MODEL=()  # bench_generate's own: a random GPT-2 124M
 [[ $DEVICE == cuda* ]] || GEN_MODEL=(-m "$WORK/run/model_00011.pt")  # the 124M would take minutes on a CPU
@@ -51,7 +53,7 @@ stage() {  # stage NAME COMMAND...: runs it, keeps its output in $WORK/NAME.log,
 # the lines worth showing from each stage's output
 KEEP='^(python|torch|device|sdpa|compile|step |saved|peak|resuming|rank 0 sample 0|sample 0|hellaswag|wrote|\|'
 KEEP+='|same|speed|repeat|batched|data |model |[0-9]{4}-[0-9]{2}-[0-9]{2} \||[0-9,]+ parameters| *(un)?cached:)'
-KEEP+='|examples/s|Recompil|Graph break|guard fail|GLOBAL_STATE'
+KEEP+='|examples/s|Recompil|Graph break|guard fail|GLOBAL_STATE|recipe |optimizer |schedule '
 
 # 1. versions, the device, which SDPA kernel the training shapes select
 stage env $PY - "$DEVICE" <<'EOF'
@@ -112,6 +114,14 @@ stage sample $PY train_gpt2.py sample -m "$CKPT" --device "$DEVICE" --num-sample
 stage hellaswag $PY hellaswag.py -m "$CKPT" -d "$DEVICE" --data-file "$WORK/hellaswag_val.jsonl"
 stage export $PY train_gpt2.py export "$CKPT" "$WORK/hf"
 stage resume $PY "${TRAIN[@]}" --max-steps 14 --resume --checkpoint-interval 0
+
+# 3b. the modern recipe (RoPE, RMSNorm, QK-norm, ReLU^2, untied head; Muon and AdamW; WSD) on the same shapes:
+#     stopped after step 3 with a checkpoint, then resumed to the end
+MODERN=(train_gpt2.py --recipe modern --data "$WORK/shards" --log-dir "$WORK/modern" ${MODEL[@]+"${MODEL[@]}"}
+        "${BATCH[@]}" --device "$DEVICE" $MODERN_COMPILE --eval-interval 3 --val-steps 2 --no-hellaswag
+        --num-samples 1 --checkpoint-interval 3 --max-steps 6)
+stage modern $PY "${MODERN[@]}" --stop-after-step 3
+stage modern_resume $PY "${MODERN[@]}" --resume
 
 # 4. the memory levers (compiled on a GPU): float16 with loss scaling and activation checkpointing in one
 #    process; FSDP over 2 ranks (Gloo on a CPU; on GPUs where there are 2)

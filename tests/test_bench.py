@@ -44,8 +44,8 @@ def test_bench_fineweb_small(tmp_path, capsys):
 
 TINY_TRAIN = ["--seq-len", "32", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32",
               "--vocab-size", "512", "--device", "cpu"]
-ROW = (r"^\| (\d+) \| (on|off) \| (-|\d+) \| (ddp|fsdp) \| (on|off) \| (\w+) \| ([\d.]+) \| ([\d.]+)x \| ([\d,]+) \| - "
-       r"\| ([\d., ]+) GiB \|$")
+ROW = (r"^\| (\d+) \| (on|off) \| (?:gpt2|modern) \| (-|\d+) \| (ddp|fsdp) \| (on|off) \| (\w+) \| ([\d.]+) \| "
+       r"([\d.]+)x \| ([\d,]+) \| - \| ([\d., ]+) GiB \|$")
 
 
 def test_bench_train_runs_the_training_loop(capsys):
@@ -72,7 +72,25 @@ def test_bench_train_sweeps_sharding_checkpointing_and_dtype_over_ranks(capsys):
         assert int(r[8].replace(",", "")) == pytest.approx(2 * 2 * 32 / (float(r[6]) / 1000), rel=0.01)
 
 
+def test_bench_train_sweeps_recipes(capsys):
+    bench_train.main(["--micro-batch-sizes", "2", "--compile", "off", "--recipes", "gpt2,modern", "--warmup", "1",
+                      "--steps", "2", *TINY_TRAIN])
+    out = capsys.readouterr().out
+    rows = re.findall(r"^\| 2 \| off \| (gpt2|modern) \| - \| ddp \| off \| auto \| [\d.]+ \| ([\d.]+)x \|", out, re.M)
+    assert rows[0] == ("gpt2", "1.00") and [r[0] for r in rows] == ["gpt2", "modern"], out  # gpt2: the baseline
+
+
+def test_bench_train_on_the_speedrun_preset(capsys):
+    # the preset's recipe (modern) and its --target-val-loss, which needs evaluations the benchmark turns off
+    bench_train.main(["--preset", "speedrun", "--micro-batch-sizes", "1", "--compile", "off", "--warmup", "1",
+                      "--steps", "1", *TINY_TRAIN])
+    assert re.search(r"^\| 1 \| off \| modern \| - \| ddp \|", capsys.readouterr().out, re.M)
+
+
 def test_bench_train_refuses_fsdp_on_one_rank(capsys):
     with pytest.raises(SystemExit):
         bench_train.main(["--shards", "fsdp", *TINY_TRAIN])
     assert "--shards fsdp needs --nproc 2 or more" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench_train.main(["--recipes", "gpt2,fast", *TINY_TRAIN])
+    assert "--recipes fast not understood" in capsys.readouterr().err

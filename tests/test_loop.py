@@ -320,7 +320,8 @@ def test_wandb_offline_and_tensorboard_get_every_metric(tmp_path):
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.splitlines()
-    assert all(re.match(r"step \d|saved |[\d,]+ parameters|peak memory", line) for line in lines), lines  # ours
+    ours = r"step \d|saved |[\d,]+ parameters|peak memory|recipe |optimizer |schedule "
+    assert all(re.match(ours, line) for line in lines), lines  # ours
     logged = collections.defaultdict(dict)  # log.txt's text
     for line in (log_dir / "log.txt").read_text().splitlines():
         step, name, value = line.split()

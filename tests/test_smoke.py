@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ["env", "train", "sample", "hellaswag", "export", "resume", "float16_ac", "fsdp", "bench_train",
-          "bench_hellaswag", "bench_generate"]
+STAGES = ["env", "train", "sample", "hellaswag", "export", "resume", "modern", "modern_resume", "float16_ac", "fsdp",
+          "bench_train", "bench_hellaswag", "bench_generate"]
 
 
 def test_smoke_script_runs_every_stage_on_the_cpu(tmp_path):
@@ -25,8 +25,12 @@ def test_smoke_script_runs_every_stage_on_the_cpu(tmp_path):
     assert re.search(r"^step 11/12 \(91\.7%\) \| HellaSwag acc_norm [\d.]+ \| \d+/24 right$", text, re.M)
     assert re.search(r"^peak memory [\d.]+ GiB \(resident\)$", text, re.M)
     assert "resuming from" in text and "at step 12" in text
+    assert re.search(r"^recipe modern, its general values: --pos-emb rope ", text, re.M)  # and the resume's
+    assert re.search(r"^optimizer muon: AdamW .*; Muon on the blocks' \d+ matrices", text, re.M)
+    assert re.search(r"^resuming from \S+/modern/model_00003\.pt at step 4$", text, re.M)
+    assert re.search(r"^step 5/6 \(83\.3%\) \| loss [\d.]+ \| lr [\d.e+-]+ \| momentum 0\.85\d+ \|", text, re.M)
     assert re.search(r"^hellaswag val: 24 examples \| acc [\d.]+ \| acc_norm [\d.]+$", text, re.M)
     assert (tmp_path / "smoke" / "hf" / "model.safetensors").is_file()
-    assert re.search(r"^\| 4 \| off \| 64 \| ddp \| off \| auto \| [\d.]+ \| [\d.]+x \|", text, re.M)  # chunked loss
+    assert re.search(r"^\| 4 \| off \| gpt2 \| 64 \| ddp \| off \| auto \| [\d.]+ \| [\d.]+x \|", text, re.M)  # chunked
     assert re.search(r"^peak memory per rank [\d.]+, [\d.]+ GiB \(resident\)$", text, re.M)  # the fsdp stage
     assert "same predictions: acc 100%, acc_norm 100%" in text and "same tokens both ways: yes" in text
