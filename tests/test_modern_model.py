@@ -516,16 +516,3 @@ def test_untied_head_saved_under_fsdp_as_under_ddp(modern_folder, tmp_path):
     assert not torch.equal(fsdp["lm_head.weight"], fsdp["transformer.wte.weight"])  # the head, not wte's copy
     for name, w in ddp.items():
         torch.testing.assert_close(fsdp[name], w, rtol=1e-4, atol=1e-6, msg=name)
-
-
-def test_notebook_on_a_modern_run(tmp_path, monkeypatch):
-    """play.ipynb on a run folder whose checkpoint has rotary embeddings: samples, and no wpe to plot."""
-    from test_notebook import execute_notebook, write_build_nanogpt_log
-
-    log_dir = tmp_path / "log"
-    write_build_nanogpt_log(log_dir)
-    modern_checkpoint(log_dir / "model_00019.pt")
-    text = execute_notebook(log_dir, tmp_path, monkeypatch)
-    assert "this run: rotary position embeddings, no learned ones (wpe) to show" in text
-    assert "sample 0: Hello, I'm a language model," in text
-    assert not (log_dir / "wpe.png").exists() and (log_dir / "loss.png").is_file()

@@ -16,6 +16,7 @@ from pathlib import Path
 import nbclient
 import nbformat
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOK = REPO / "play.ipynb"
@@ -116,6 +117,33 @@ def test_notebook_on_a_quick_start_run(tmp_path, monkeypatch):
     samples = re.findall(rf"^sample (\d+): {re.escape(PROMPT)}", text, re.M)
     assert samples and samples == [str(i) for i in range(len(samples))], text
     assert OFFLINE_MESSAGE in text
+
+
+def test_notebook_on_a_modern_run(tmp_path, monkeypatch):
+    """The quick start's modern twin (RoPE: no wpe to plot; Muon's momentum in the log) for 4 steps; its log then
+    gets the lines a run that reached --target-val-loss at step 3 writes."""
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "train_gpt2.py", "--preset", "shakespeare", "--recipe", "modern",
+           *shakespeare_args(tmp_path), "--max-steps", "4", "--eval-interval", "2", "--log-dir", str(run_dir),
+           "--micro-batch-size", "4", "--seq-len", "64", "--total-batch-size", "256", "--device", "cpu",
+           "--num-samples", "0"]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert " momentum " in (run_dir / "log.txt").read_text()
+    with open(run_dir / "log.txt", "a") as f:
+        f.write("3 target_tokens 768\n3 target_time 1.500\n")
+
+    text = execute_notebook(run_dir, tmp_path, monkeypatch)
+
+    for name in ("loss.png", "throughput.png"):
+        assert_png(run_dir / name)
+    assert "recipe modern, optimizer muon, schedule wsd" in text
+    assert "target val loss reached at step 3: 768 tokens, 1.5 s of training steps" in text
+    assert re.search(r"^val loss: final \d+\.\d{4} at step 3,", text, re.M), text
+    assert re.search(rf"^sample 0: {re.escape(PROMPT)}", text, re.M), text
+    assert "this run: rotary position embeddings, no learned ones (wpe) to show" in text
+    assert "transformer.wpe.weight" not in torch.load(run_dir / "model_00003.pt", weights_only=True)["model"]
+    assert not (run_dir / "wpe.png").exists()
 
 
 def write_build_nanogpt_log(log_dir: Path) -> None:

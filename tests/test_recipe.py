@@ -346,8 +346,10 @@ def test_float16_overflow_skips_both_optimizers(shards, tmp_path):
     assert history["skipped"] == {1: 32768.0}
     for name, w in seen[0].items():  # Muon's matrices and AdamW's parameters alike
         assert torch.equal(seen[1][name], w), f"{name} changed in the skipped step"
-    for name in ("transformer.h.0.mlp.c_fc.weight", "transformer.wte.weight"):
-        assert not torch.equal(seen[2][name], seen[1][name]), name  # the next step is applied, by both
+    # the next step is applied, by both (c_proj: c_fc's gradient is still 0 behind the zero-initialised c_proj and
+    # lm_head, whose step 0 was the only one before)
+    for name in ("transformer.h.0.mlp.c_proj.weight", "transformer.wte.weight"):
+        assert not torch.equal(seen[2][name], seen[1][name]), name
 
 
 def test_a_spike_rewind_restores_muon_too(tmp_path):
@@ -355,7 +357,8 @@ def test_a_spike_rewind_restores_muon_too(tmp_path):
     from that checkpoint with its loader moved past the spike: both optimizers restored exactly."""
     data = spiky_shards(tmp_path / "shards", garbage_steps=[8])
     args = lambda d, *x: tiny_args(data, d, *MODERN, "--checkpoint-interval", "3", *x, steps=12)
-    run(args(tmp_path / "on", *GUARD))
+    # 3 deviations, not the default 8: the modern recipe's losses fall fast, so the window's spread is wide
+    run(args(tmp_path / "on", *GUARD, "--spike-threshold", "3"))
     assert log_values(tmp_path / "on", "spike").keys() == {8}
     run(args(tmp_path / "r", "--stop-after-step", "6"))
     path = tmp_path / "r" / "model_00006.pt"
