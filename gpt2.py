@@ -647,13 +647,16 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h) if grads and ctx.needs_input_grad[0] else None  # (N, C)
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if grads and ctx.needs_input_grad[1] else None
         w = weight.to(dtype)  # (V, C)
+        w_in = w / softcap if softcap > 0 else w  # the cap's 1/softcap folded into the (V, C) matrix, not (n, V)
+        # the capped logits' buffer, allocated once: a fresh (n, V) tensor per chunk costs its page faults each time
+        capped = torch.empty(min(chunk, h.size(0)), w.size(0), device=h.device) if softcap > 0 else None
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         for i in range(0, h.size(0), chunk):
             hc, yc, vc = h[i:i + chunk].to(dtype), targets[i:i + chunk].clamp(min=0), valid[i:i + chunk]
-            logits = (hc @ w.T).float()  # (n, V)
+            logits = (hc @ w_in.T).float()  # (n, V); with a softcap, the raw logits / softcap
             if softcap > 0:
-                tanh = logits.div_(softcap).tanh_()  # in place: the raw logits are not needed again
-                logits = tanh * softcap  # (n, V), capped
+                tanh = logits.tanh_()  # in place: the raw logits are not needed again
+                logits = torch.mul(tanh, softcap, out=capped[:tanh.size(0)])  # (n, V), capped
             lse = torch.logsumexp(logits, dim=1)  # (n,)
             loss += ((lse - logits.gather(1, yc[:, None]).squeeze(1)) * vc).sum()
             if grad_h is None and grad_w is None:
@@ -661,7 +664,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             g = logits.sub_(lse[:, None]).exp_()  # softmax, in place: the logits are not needed again
             g.scatter_add_(1, yc[:, None], torch.full_like(lse[:, None], -1.0))  # - one-hot
             if softcap > 0:
-                g.mul_(tanh.square_().neg_().add_(1.0))  # d capped / d raw = 1 - tanh^2
+                g.addcmul_(g, tanh.square_(), value=-1.0)  # x (d capped / d raw = 1 - tanh^2), in one pass
             g = g.mul_((vc / count)[:, None]).to(dtype)  # d(mean loss)/d logits (n, V); ignored rows 0
             if grad_h is not None:
                 grad_h[i:i + chunk] = g @ w
