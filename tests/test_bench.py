@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import gpt2
-from bench import bench_fineweb, bench_generate, bench_hellaswag, bench_train
+import train_gpt2
+from bench import bench_fineweb, bench_generate, bench_hellaswag, bench_recipe, bench_train
 
 
 def test_bench_hellaswag_breakdown(capsys):
@@ -94,3 +95,33 @@ def test_bench_train_refuses_fsdp_on_one_rank(capsys):
     with pytest.raises(SystemExit):
         bench_train.main(["--recipes", "gpt2,fast", *TINY_TRAIN])
     assert "--recipes fast not understood" in capsys.readouterr().err
+
+
+def test_bench_recipe_tokens_to_reach_interpolates_between_evaluations():
+    run = {"val": {"0": 10.0, "4": 6.0, "8": 4.0}, "tokens_per_step": 100, "steps": 9}
+    assert bench_recipe.tokens_to_reach(run, 6.0) == 400  # met at an evaluation: its tokens
+    assert bench_recipe.tokens_to_reach(run, 5.0) == 600  # halfway from 6.0 (400 tokens) to 4.0 (800)
+    assert bench_recipe.tokens_to_reach(run, 3.9) == float("inf")
+    assert bench_recipe.last_val(run) == 4.0
+
+
+def test_bench_recipe_ablation_flags_are_the_modern_recipes_values():
+    assert bench_recipe.single_change_flags("+ softcap", "shakespeare") == ["--recipe", "gpt2", "--logit-softcap",
+                                                                              "30.0"]
+    flags = bench_recipe.single_change_flags("+ muon", "shakespeare")
+    cfg = train_gpt2.parse_train_args(["--preset", "shakespeare", *flags])
+    modern = train_gpt2.parse_train_args(["--preset", "shakespeare", "--recipe", "modern"])
+    assert cfg.optimizer == "muon" and cfg.muon_lr == modern.muon_lr and cfg.model.pos_emb == "learned"
+    assert cfg.muon_momentum_warmup == modern.muon_momentum_warmup and cfg.max_lr == 3e-2  # AdamW: the preset's
+
+
+def test_bench_recipe_table_on_tiny_runs(capsys):
+    """Both recipes for 4 steps in worker processes (through train_gpt2.train): a table of each one's numbers,
+    the GPT-2 recipe reaching its own final loss at its last evaluation (100%, 1.00x)."""
+    bench_recipe.main(["--seeds", "1", "--evals", "2", "--max-steps", "4", "--n-layer", "1", "--warmup-steps", "1",
+                       "--val-steps", "1"])
+    out = capsys.readouterr().out
+    m = re.search(r"\| gpt2 \| ([\d.]+) \| ([\d,]+) \| 100% \| 1\.00x \|", out)
+    assert m and m[2] == "3,072", out  # reached at the evaluation of step 3: 3 steps x 1,024 tokens
+    assert re.search(r"\| modern \| [\d.]+ \| (not reached|[\d,]+) \| (-|\d+%) \| [\d.]+x \|", out), out
+    assert "--preset shakespeare, data input.txt, 4 steps of 1,024 tokens | seeds 1" in out
