@@ -123,7 +123,8 @@ def test_recipe_layering_defaults_preset_recipe_flags():
     assert (cfg.embed_lr, cfg.muon_momentum_warmup) == (3e-2, 100)  # the recipe's values for the preset
     assert (cfg.beta1, cfg.eps, cfg.schedule, cfg.optimizer) == (0.8, 1e-10, "wsd", "muon")  # its general ones
     assert (cfg.max_steps, cfg.n_embd, cfg.data) == (594, 32, "input.txt")  # the preset's
-    assert cfg.model == gpt2.ModelOptions(**tg.MODERN_ARCHITECTURE)
+    assert cfg.model == gpt2.ModelOptions(**{**tg.MODERN_ARCHITECTURE, "logit_softcap": 0.0})  # none at 32 wide
+    assert parse("--preset", "gpt2", "--recipe", "modern").model == gpt2.ModelOptions(**tg.MODERN_ARCHITECTURE)
     medium = parse("--preset", "gpt2-medium", "--recipe", "modern")  # no entry of its own: the general values
     assert (medium.warmup_steps, medium.min_lr_ratio, medium.muon_lr, medium.n_layer) == (0, 0.0, 0.02, 24)
     # the speedrun preset is the modern recipe; --recipe gpt2 runs GPT-2's recipe at its shape
@@ -182,7 +183,7 @@ def test_help_lists_the_recipes_and_their_flags():
         assert flag in help_text, flag
     flat = " ".join(help_text.split())  # argparse wraps the epilog
     assert "Recipes: modern: {'pos_emb': 'rope'," in flat
-    assert "modern for shakespeare: {'muon_lr': 0.02," in flat and "modern for speedrun: {'muon_lr': 0.04," in flat
+    assert "modern for shakespeare: {'muon_lr': 0.01," in flat and "modern for speedrun: {'muon_lr': 0.04," in flat
     assert "speedrun: {'recipe': 'modern'," in flat  # the preset
 
 
