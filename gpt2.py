@@ -1088,7 +1088,30 @@ def save_checkpoint(path, checkpoint: dict) -> None:
         torch.save(checkpoint, tmp)
 
 
+class CheckpointDamaged(ValueError):
+    """A checkpoint whose bytes are not the ones written: a record fails its CRC-32, or the zip is broken."""
+
+
+def check_checkpoint_bytes(path) -> None:
+    """Every record of a checkpoint's zip (the pickle, each tensor's bytes) read and checked against the CRC-32
+    torch.save stored for it, which torch.load never reads: a flipped bit in a tensor would load silently.
+    CheckpointDamaged names the file and the record. One more sequential read of the file."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                with z.open(info) as f:  # zipfile compares the CRC-32 once a record is read to its end
+                    while f.read(1 << 24):
+                        pass
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise CheckpointDamaged(f"checkpoint {path} is damaged ({type(e).__name__}: {e})") from None
+
+
 def load_checkpoint(path, map_location="cpu") -> dict:
+    check_checkpoint_bytes(path)  # every byte verified before any is used
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:

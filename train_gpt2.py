@@ -40,6 +40,7 @@ from gpt2 import (
     GPT2_VOCAB_SIZE,
     MODEL_CHOICES,
     SAMPLE_FLAG_ALIASES,
+    CheckpointDamaged,
     Dist,
     GPTConfig,
     ModelOptions,
@@ -1039,12 +1040,18 @@ def checkpoint_step(path: Path) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def latest_checkpoint(log_dir) -> Path | None:
-    """The newest complete checkpoint in log_dir."""
+def checkpoints(log_dir) -> list[Path]:
+    """The checkpoints in log_dir, oldest first: files renamed into place whole (a temporary file is none)."""
     log_dir = Path(log_dir)
     found = [(step, p) for p in log_dir.iterdir() if (step := checkpoint_step(p)) is not None] \
         if log_dir.is_dir() else []
-    return max(found)[1] if found else None
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(log_dir) -> Path | None:
+    """The newest complete checkpoint in log_dir (its bytes are verified when it is loaded)."""
+    found = checkpoints(log_dir)
+    return found[-1] if found else None
 
 
 def _gather_rng_states(dist: Dist) -> list[dict]:
@@ -1121,6 +1128,21 @@ def _differences(saved: dict, current: dict) -> str:
                      for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k))
 
 
+def newest_whole_checkpoint(log_dir: Path) -> tuple[dict, Path]:
+    """--resume alone: the newest checkpoint in log_dir whose bytes verify; each damaged one newer than it is named
+    in a one-line warning and passed over (every rank reads the same files, so every rank picks the same one)."""
+    found = checkpoints(log_dir)
+    if not found:
+        raise TrainError(f"--resume: no checkpoint (model_*.pt) in {log_dir} to resume from")
+    for path in reversed(found):
+        try:
+            return load_checkpoint(path), path
+        except CheckpointDamaged as e:
+            print(f"warning: {e}: resuming from an older checkpoint", file=sys.stderr, flush=True)
+    raise TrainError(f"--resume: every checkpoint in {log_dir} is damaged ({len(found)}, warnings above): restore "
+                     "one from a copy, or start afresh in another --log-dir")
+
+
 def open_resume(cfg: TrainConfig, world_size: int) -> tuple[dict | None, Path | None]:
     """The checkpoint --resume names (None for a fresh run), checked against this run before anything is built."""
     log_dir = Path(cfg.log_dir)
@@ -1129,12 +1151,17 @@ def open_resume(cfg: TrainConfig, world_size: int) -> tuple[dict | None, Path | 
             raise TrainError(f"--log-dir {log_dir} holds checkpoints of an earlier run: add --resume to continue "
                              "it, or use another --log-dir")
         return None, None
-    path = latest_checkpoint(log_dir) if cfg.resume == "latest" else Path(cfg.resume)
-    if path is None:
-        raise TrainError(f"--resume: no checkpoint (model_*.pt) in {log_dir} to resume from")
-    if not path.is_file():
-        raise TrainError(f"--resume {path}: no such checkpoint")
-    ckpt = load_checkpoint(path)
+    if cfg.resume == "latest":
+        ckpt, path = newest_whole_checkpoint(log_dir)
+    else:
+        path = Path(cfg.resume)
+        if not path.is_file():
+            raise TrainError(f"--resume {path}: no such checkpoint")
+        try:
+            ckpt = load_checkpoint(path)
+        except CheckpointDamaged as e:
+            raise TrainError(f"--resume: {e}: resume from another one (--resume alone takes the newest whole "
+                             "checkpoint)") from None
     if any(k not in ckpt for k in RUN_STATE):
         raise TrainError(f"--resume {path}: a model without a run's state: start from it with --init-from {path}")
     if ckpt["args"].get("optimizer", "adamw") != cfg.optimizer:  # before the architecture options: muon sets one
