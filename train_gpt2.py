@@ -51,6 +51,7 @@ from gpt2 import (
     all_reduce_sum,
     atomic_write,
     barrier,
+    check_checkpoint_bytes,
     dataset_dir,
     download,
     get_tokenizer,
@@ -135,7 +136,8 @@ class TrainConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)  # the samples printed at each evaluation, per rank
     # checkpoints and logging
     checkpoint_interval: int = 5000  # write a checkpoint every this many steps, and at the last step (0: last only)
-    resume: str | None = None  # continue a run: alone, the newest checkpoint in --log-dir; or a checkpoint's path
+    resume: str | None = None  # alone: the newest whole checkpoint in --log-dir; auto: that or a fresh start; a path
+    keep_last: int = 0  # keep the newest N >= 2 checkpoints, deleting older ones once the new one is in place (0: all)
     stop_after_step: int | None = None  # checkpoint and exit after this step, as if preempted (fixed-length jobs)
     spike_guard: bool = False  # a loss far above its recent ones: rewind to the newest checkpoint, skip its batches
     spike_threshold: float = 8.0  # a spike: loss > median + this x robust std (MAD x 1.4826) of --spike-window losses
@@ -1092,6 +1094,8 @@ def save_run(run: Run, step: int) -> Path | None:
         if errors:  # rank 0 could not hold the gathered state: every rank stops, here, together
             raise TrainError(f"rank 0 could not gather the checkpoint {path} in host memory: {one_line(errors[0])}")
         save_checkpoint(path, state())
+        if run.cfg.keep_last:
+            prune_checkpoints(path, run.cfg.keep_last)
     rank_0_first(write, run.dist, TrainError(f"rank 0 could not write {path} (see its error)"))
     if run.spike_guard is not None:  # every rank knows where a rewind goes
         run.spike_guard.checkpoint = path
@@ -1128,6 +1132,21 @@ def _differences(saved: dict, current: dict) -> str:
                      for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k))
 
 
+def prune_checkpoints(newest: Path, keep: int) -> None:
+    """--keep-last: once `newest` is renamed into place and its bytes verify, delete the oldest checkpoints before it
+    until `keep` remain, itself included; checkpoints of later steps (a run that had gone further) stay."""
+    older = [p for p in checkpoints(newest.parent) if checkpoint_step(p) < checkpoint_step(newest)]
+    if len(older) < keep:
+        return
+    try:
+        check_checkpoint_bytes(newest)  # never delete what a damaged newest checkpoint would fall back to
+    except CheckpointDamaged as e:
+        raise TrainError(f"{e}: it was just written and does not read back (a failing disk?): stopping with no "
+                         "older checkpoint deleted") from None
+    for path in older[:len(older) - (keep - 1)]:
+        path.unlink()
+
+
 def newest_whole_checkpoint(log_dir: Path) -> tuple[dict, Path]:
     """--resume alone: the newest checkpoint in log_dir whose bytes verify; each damaged one newer than it is named
     in a one-line warning and passed over (every rank reads the same files, so every rank picks the same one)."""
@@ -1146,12 +1165,14 @@ def newest_whole_checkpoint(log_dir: Path) -> tuple[dict, Path]:
 def open_resume(cfg: TrainConfig, world_size: int) -> tuple[dict | None, Path | None]:
     """The checkpoint --resume names (None for a fresh run), checked against this run before anything is built."""
     log_dir = Path(cfg.log_dir)
+    if cfg.resume == "auto" and latest_checkpoint(log_dir) is None:
+        return None, None  # the first launch of a job that will relaunch itself with the same command line
     if not cfg.resume:
         if latest_checkpoint(log_dir) is not None:
             raise TrainError(f"--log-dir {log_dir} holds checkpoints of an earlier run: add --resume to continue "
                              "it, or use another --log-dir")
         return None, None
-    if cfg.resume == "latest":
+    if cfg.resume in ("latest", "auto"):
         ckpt, path = newest_whole_checkpoint(log_dir)
     else:
         path = Path(cfg.resume)
@@ -1201,6 +1222,11 @@ def check_batch(cfg: TrainConfig, world_size: int) -> int:
         raise TrainError("--shard fsdp splits the model over ranks: launch with torchrun --nproc_per_node N "
                          "(N >= 2), or use --shard ddp in one process")
     return cfg.total_batch_size // (B * T * world_size)
+
+
+def check_checkpointing(cfg: TrainConfig) -> None:
+    if cfg.keep_last and cfg.keep_last < 2:
+        raise TrainError(f"--keep-last {cfg.keep_last}: keep 2 or more (the newest can be damaged; 0 keeps all)")
 
 
 def check_spike_guard(cfg: TrainConfig) -> None:
@@ -1323,6 +1349,7 @@ def setup(cfg: TrainConfig, dist: Dist) -> Run:
     torch.manual_seed(cfg.seed)
     grad_accum = check_batch(cfg, dist.world_size)
     check_spike_guard(cfg)
+    check_checkpointing(cfg)
     check_recipe(cfg)
     autocast_dtype = setup_precision(cfg.dtype, dist.device_type)
     others = lambda what: TrainError(f"another rank could not {what} (see its error)")
@@ -1342,6 +1369,9 @@ def setup(cfg: TrainConfig, dist: Dist) -> Run:
         restore_run(run, ckpt)
         del ckpt  # every rank holds it in host memory: model + Adam state, 1.5 GB at 124M, 18 GB for gpt2-xl
     run.metrics = on_every_rank(lambda: Metrics(cfg, dist, run.start_step), dist, others("open its log"))
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")  # torchrun --max-restarts: which attempt this is
+    if restart != "0":
+        run.metrics.print(f"torchrun restart {restart} (TORCHELASTIC_RESTART_COUNT)")
     if ckpt_path is not None:
         run.metrics.print(f"resuming from {ckpt_path} at step {run.start_step}")
     run.metrics.print(f"{raw_model.num_parameters():,} parameters | {dist.world_size} rank(s) on {dist.device} | "

@@ -103,3 +103,27 @@ def test_other_entry_points_refuse_a_damaged_checkpoint(stopped_run):
     out = subprocess.run([sys.executable, "train_gpt2.py", "sample", "-m", str(path), "--max-new-tokens", "2"],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "is damaged" in out.stderr.strip().splitlines()[-1], out.stderr[-2000:]
+
+
+def test_resume_auto_starts_afresh_then_continues_with_the_same_command(stopped_run):
+    """The same command line for a job's first launch and its relaunches: --resume auto."""
+    root, args = stopped_run
+    first = cli(args("auto", "--resume", "auto", "--stop-after-step", "5"))
+    assert "resuming from" not in first.stdout and (root / "auto" / "model_00005.pt").is_file()
+    again = cli(args("auto", "--resume", "auto"))
+    assert f"resuming from {root / 'auto' / 'model_00005.pt'} at step 6" in again.stdout
+    a = torch.load(root / "auto" / "model_00008.pt", weights_only=True)
+    b = torch.load(root / "straight" / "model_00008.pt", weights_only=True)
+    assert all(torch.equal(a["model"][k], w) for k, w in b["model"].items())
+    log = lambda d: [ln for ln in (root / d / "log.txt").read_text().splitlines() if " train " in ln]
+    assert log("auto") == log("straight")  # every step's loss
+
+
+def test_keep_last_deletes_old_checkpoints_only_once_the_new_one_is_in_place(stopped_run):
+    root, args = stopped_run
+    folder = copy_run(root, "keep")  # checkpoints 3 and 5; the run then writes 6 and 8
+    cli(args("keep", "--resume", "--keep-last", "2"))
+    assert [p.name for p in tg.checkpoints(folder)] == ["model_00006.pt", "model_00008.pt"]
+    out = cli(args("keep1", "--keep-last", "1"), check=False)
+    assert out.returncode != 0 and "--keep-last 1: keep 2 or more" in out.stderr.strip().splitlines()[-1]
+    assert not (root / "keep1").exists() or not tg.checkpoints(root / "keep1")
