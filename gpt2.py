@@ -1104,9 +1104,9 @@ def check_checkpoint_bytes(path) -> None:
                 with z.open(info) as f:  # zipfile compares the CRC-32 once a record is read to its end
                     while f.read(1 << 24):
                         pass
+    except FileNotFoundError:
+        raise
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, OSError) as e:
-        if isinstance(e, FileNotFoundError):
-            raise
         raise CheckpointDamaged(f"checkpoint {path} is damaged ({type(e).__name__}: {e})") from None
 
 
