@@ -130,8 +130,18 @@ def atomic_write(path):
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())  # the rename must never publish a file whose bytes are not on disk
         os.replace(tmp, path)
+        fsync_folder(path.parent)  # and the rename itself on disk before anything relies on it (--keep-last)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def fsync_folder(folder) -> None:
+    """A folder's entries (a rename, a deletion) written to disk, as fsync does for a file's bytes."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 ATOMIC_TEMP_GLOB = ".*.tmp[0-9]*"  # the names atomic_write writes to before the rename
@@ -296,9 +306,45 @@ def setup_precision(dtype: str, device_type: str) -> torch.dtype | None:
     return AUTOCAST_DTYPES[auto_dtype(device_type) if dtype == "auto" else dtype]
 
 
-# NCCL's default is 10 minutes: too short for rank 0 tokenizing a big .txt or saving a large checkpoint
-# while the others wait in the next collective
+# How long a collective waits for every rank until training lowers it (set_collective_timeout, --dist-timeout):
+# long enough for rank 0 tokenizing a big .txt or writing a large checkpoint while the others wait in the next
+# collective, and for every rank checking its shards and compiling (NCCL's default, 10 minutes, is not)
 PROCESS_GROUP_TIMEOUT_MINUTES = 30
+
+
+def set_collective_timeout(seconds: float) -> None:
+    """How long this rank's collectives wait for the others from now on: past it a collective fails (Gloo raises;
+    NCCL's watchdog aborts the process), so a rank that hangs ends the job instead of holding every GPU."""
+    import datetime
+
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _set_pg_timeout  # private, but torch's own (torchtitan uses it)
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        _set_pg_timeout(datetime.timedelta(seconds=seconds))
+
+
+def torchrun_store(world_size: int, timeout):
+    """The store this torchrun attempt's ranks meet in: their own part of torchrun's store; None off torchrun.
+
+    torchrun's agent keeps one TCPStore for the whole job (TORCHELASTIC_USE_AGENT_STORE=True, torch 2.13's
+    default) and every attempt's init_process_group writes the same keys in it: each rank's address. After a
+    restart (--max-restarts) a rank that reads its peer's key before the peer has rewritten it gets the address
+    of the attempt before, a dead process: Gloo then fails ("Connection refused") or waits for good. torch's
+    own env:// code assumes a fresh store for every attempt; it is not one. So each attempt keys its own part,
+    by TORCHELASTIC_RESTART_COUNT. Every rank of a node has the same count, but each node counts its own
+    restarts: over several nodes, TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 gives every attempt a fresh store."""
+    import torch.distributed as dist
+
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    if int(os.environ.get("GROUP_WORLD_SIZE", "1")) > 1 and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")):
+        raise ValueError("torchrun --max-restarts over several nodes: export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+                         "before torchrun (each node counts its own restarts, so restarted ranks could meet in an "
+                         "earlier attempt's keys)")
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False,
+                          timeout=timeout)
+    return dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def setup_distributed(device: str = "auto") -> Dist:
@@ -327,9 +373,9 @@ def setup_distributed(device: str = "auto") -> Dist:
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        cuda = device.startswith("cuda")
+        cuda, timeout = device.startswith("cuda"), datetime.timedelta(minutes=PROCESS_GROUP_TIMEOUT_MINUTES)
         dist.init_process_group(backend="nccl" if cuda else "gloo", rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(minutes=PROCESS_GROUP_TIMEOUT_MINUTES),
+                                timeout=timeout, store=torchrun_store(world_size, timeout),
                                 device_id=torch.device(device) if cuda else None)
     return Dist(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 
@@ -1083,9 +1129,10 @@ def sample_text(model: GPT, settings: SampleConfig, seed: int = 42, device: str 
 # half-written. The model's entries are defined here; train_gpt2.py adds the run's state beside them.
 
 
-def save_checkpoint(path, checkpoint: dict) -> None:
+def save_checkpoint(path, checkpoint: dict, write=torch.save) -> None:
+    """write(checkpoint, file) is torch.save; train_gpt2's fault injection passes one that fails half-way."""
     with atomic_write(path) as tmp:
-        torch.save(checkpoint, tmp)
+        write(checkpoint, tmp)
 
 
 class CheckpointDamaged(ValueError):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import hashlib
 import math
 import os
@@ -39,6 +40,7 @@ from gpt2 import (
     GPT,
     GPT2_VOCAB_SIZE,
     MODEL_CHOICES,
+    PROCESS_GROUP_TIMEOUT_MINUTES,
     SAMPLE_FLAG_ALIASES,
     CheckpointDamaged,
     Dist,
@@ -54,6 +56,7 @@ from gpt2 import (
     check_checkpoint_bytes,
     dataset_dir,
     download,
+    fsync_folder,
     get_tokenizer,
     hf_architecture,
     is_shard,
@@ -65,9 +68,11 @@ from gpt2 import (
     one_line,
     rank_0_first,
     read_model,
+    remove_stale_temp_files,
     resolve_device,
     sample_text,
     save_checkpoint,
+    set_collective_timeout,
     setup_distributed,
     setup_precision,
     teardown_distributed,
@@ -138,6 +143,7 @@ class TrainConfig:
     checkpoint_interval: int = 5000  # write a checkpoint every this many steps, and at the last step (0: last only)
     resume: str | None = None  # alone: the newest whole checkpoint in --log-dir; auto: that or a fresh start; a path
     keep_last: int = 0  # keep the newest N >= 2 checkpoints, deleting older ones once the new one is in place (0: all)
+    checkpoint_minutes: float = 0  # also checkpoint when this many minutes passed since the last one (spot machines)
     stop_after_step: int | None = None  # checkpoint and exit after this step, as if preempted (fixed-length jobs)
     spike_guard: bool = False  # a loss far above its recent ones: rewind to the newest checkpoint, skip its batches
     spike_threshold: float = 8.0  # a spike: loss > median + this x robust std (MAD x 1.4826) of --spike-window losses
@@ -152,6 +158,7 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute blocks' activations in backward: less memory, ~1/3 more compute
     reduce_every_micro_step: bool = False  # fsdp, accumulating: gradients stay sharded (4/N B a weight), at N x traffic
     compile: bool | None = None  # torch.compile the training step (default: on CUDA only)
+    dist_timeout: float = 120  # seconds a collective waits for a hung rank from the first step on (before it: 30 min)
     loss_chunk: int = 0  # >0: output layer + loss this many tokens at a time, never all the logits at once (memory)
     seed: int = 1337  # model init and --shuffle
     shuffle: bool = False  # permute shards and windows each epoch (default: in order, as the reference)
@@ -870,6 +877,7 @@ class Metrics:
         "mfu": (".4f", "mfu {:.1%}"),
         "skipped": ("g", "gradients overflowed float16: step skipped, loss scale now {:g}"),  # the new scale
         "spike": (".6f", "loss {:.6f} is a spike"),  # --spike-guard: the loss of a step it undid
+        "restart": ("d", "torchrun attempt {:d} (TORCHELASTIC_RESTART_COUNT) starts here"),  # under --max-restarts
         # --target-val-loss, at the evaluation that reached it: the tokens trained and the seconds spent in training
         # steps (Run.train_time) to get there, the speedrun's metric
         "target_tokens": ("d", "target reached after {:,} tokens"),
@@ -1025,11 +1033,67 @@ class Run:
 
 
 # -----------------------------------------------------------------------------
+# Fault injection, for tests/test_faults.py only: the environment variable GPT2_FAULTS (never a flag) lists
+# faults as KIND@STEP:RANK:ATTEMPT, comma-separated, where `*` or a field left out matches any, ATTEMPT is
+# torchrun's TORCHELASTIC_RESTART_COUNT; STEP `start` is before the process group, `evalN` before step N's
+# evaluation. Unset, nothing happens.
+#   kill: the rank SIGKILLs itself as the step begins     stop: it SIGSTOPs itself there (a hung rank)
+#   nan: the step's loss is multiplied by NaN             late: the rank sleeps 3 s first
+#   kill-in-save / enospc: rank 0 writes half of the step's checkpoint, then SIGKILLs itself / fails with ENOSPC
+# Each fires once per process; a relaunch (torchrun's restart) reads the variable afresh.
+
+FAULTS_ENV = "GPT2_FAULTS"
+
+
+def fault(kind: str, step, rank: int) -> bool:
+    """Whether GPT2_FAULTS asks for this fault here: at this step, on this rank, in this torchrun attempt. Each
+    fires once in a process (it leaves this process's GPT2_FAULTS): a step that a rewind runs again is clean."""
+    here = (str(step), str(rank), os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    specs = [spec for spec in os.environ.get(FAULTS_ENV, "").split(",") if spec]
+    for spec in specs:
+        what, _, where = spec.partition("@")
+        if what == kind and all(w in ("*", h) for w, h in zip(where.split(":") if where else [], here)):
+            os.environ[FAULTS_ENV] = ",".join(x for x in specs if x != spec)
+            return True
+    return False
+
+
+def inject_faults(step, rank: int) -> None:
+    if fault("kill", step, rank):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if fault("stop", step, rank):
+        os.kill(os.getpid(), signal.SIGSTOP)
+    if fault("late", step, rank):
+        time.sleep(3)
+
+
+def checkpoint_writer(step: int):
+    """torch.save; under kill-in-save or enospc one that leaves half the file on disk, then dies or fails."""
+    kind = next((k for k in ("kill-in-save", "enospc") if fault(k, step, 0)), None)
+    if kind is None:
+        return torch.save
+
+    def half_then_fail(obj, tmp):
+        torch.save(obj, tmp)
+        os.truncate(tmp, os.path.getsize(tmp) // 2)
+        if kind == "kill-in-save":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise OSError(errno.ENOSPC, f"No space left on device (injected): {tmp}")
+    return half_then_fail
+
+
+# -----------------------------------------------------------------------------
 # Checkpoints: the run's state, saved and restored side by side. A checkpoint is gpt2.model_entries (the
 # model's weights and shape) plus what continues the run exactly: optimizer, step, data position, every
-# rank's RNG, the arguments. Rank 0 writes it as model_{step:05d}.pt in --log-dir.
+# rank's RNG, the arguments. Rank 0 writes it as model_{step:05d}.pt in --log-dir, through a temporary file
+# renamed into place once all of it is on disk; every byte is verified before it is used (gpt2.load_checkpoint).
 
 RUN_STATE = ("optimizer", "step", "val_loss", "loader", "rng", "args", "world_size")  # beside model_entries'
+NO_PROGRESS_EXIT = 140  # a crash loop under torchrun ends the job with this status (128 + SIGUSR2): do not requeue
+
+
+class NoProgress(TrainError):
+    """A torchrun restart that would start where the attempt before it started: that one wrote no checkpoint."""
 
 
 def checkpoint_path(log_dir, step: int) -> Path:
@@ -1071,7 +1135,9 @@ def _gather_rng_states(dist: Dist) -> list[dict]:
 
 def save_run(run: Run, step: int) -> Path | None:
     """Every rank calls this (it gathers the ranks' RNG states, and under fsdp the weights and AdamW state);
-    rank 0 writes the checkpoint and returns its path. If the write fails (a full disk), every rank stops."""
+    rank 0 writes the checkpoint and returns its path. If the write fails (a full disk), every rank stops.
+    Meanwhile the others wait for rank 0 up to the set-up's timeout, not --dist-timeout (a big file, a slow disk)."""
+    set_collective_timeout(PROCESS_GROUP_TIMEOUT_MINUTES * 60)
     rng = _gather_rng_states(run.dist)
     path = checkpoint_path(run.cfg.log_dir, step)
     weights, optimizer, errors = run.raw_model.state_dict(), run.optimizer.state_dict(), []
@@ -1093,10 +1159,15 @@ def save_run(run: Run, step: int) -> Path | None:
     def write():
         if errors:  # rank 0 could not hold the gathered state: every rank stops, here, together
             raise TrainError(f"rank 0 could not gather the checkpoint {path} in host memory: {one_line(errors[0])}")
-        save_checkpoint(path, state())
+        try:
+            save_checkpoint(path, state(), write=checkpoint_writer(step))
+        except OSError as e:  # a full disk: the temporary file is gone, the checkpoints before it untouched
+            raise TrainError(f"could not write {path} ({one_line(e)}): free some space (or pass --keep-last N), "
+                             "then continue with --resume") from e
         if run.cfg.keep_last:
             prune_checkpoints(path, run.cfg.keep_last)
     rank_0_first(write, run.dist, TrainError(f"rank 0 could not write {path} (see its error)"))
+    set_collective_timeout(run.cfg.dist_timeout)
     if run.spike_guard is not None:  # every rank knows where a rewind goes
         run.spike_guard.checkpoint = path
     return path if run.dist.master else None
@@ -1145,6 +1216,7 @@ def prune_checkpoints(newest: Path, keep: int) -> None:
                          "older checkpoint deleted") from None
     for path in older[:len(older) - (keep - 1)]:
         path.unlink()
+    fsync_folder(newest.parent)
 
 
 def newest_whole_checkpoint(log_dir: Path) -> tuple[dict, Path]:
@@ -1162,8 +1234,19 @@ def newest_whole_checkpoint(log_dir: Path) -> tuple[dict, Path]:
                      "one from a copy, or start afresh in another --log-dir")
 
 
-def open_resume(cfg: TrainConfig, world_size: int) -> tuple[dict | None, Path | None]:
-    """The checkpoint --resume names (None for a fresh run), checked against this run before anything is built."""
+def open_resume(cfg: TrainConfig, dist: Dist) -> tuple[dict | None, Path | None]:
+    """The checkpoint --resume names (None for a fresh run), whole and checked against this run before anything
+    is built. Rank 0 first deletes the temporary files a killed writer left in --log-dir (kill -9 mid-save)."""
+    if dist.master and Path(cfg.log_dir).is_dir():
+        remove_stale_temp_files(cfg.log_dir)  # no process writes there now: torchrun stopped every earlier worker
+    ckpt, path = find_resume(cfg)
+    if ckpt is not None:
+        check_resumable(cfg, ckpt, path, dist.world_size)
+    check_progress(cfg, ckpt["step"] + 1 if ckpt is not None else 0, path)
+    return ckpt, path
+
+
+def find_resume(cfg: TrainConfig) -> tuple[dict | None, Path | None]:
     log_dir = Path(cfg.log_dir)
     if cfg.resume == "auto" and latest_checkpoint(log_dir) is None:
         return None, None  # the first launch of a job that will relaunch itself with the same command line
@@ -1183,6 +1266,11 @@ def open_resume(cfg: TrainConfig, world_size: int) -> tuple[dict | None, Path | 
         except CheckpointDamaged as e:
             raise TrainError(f"--resume: {e}: resume from another one (--resume alone takes the newest whole "
                              "checkpoint)") from None
+    return ckpt, path
+
+
+def check_resumable(cfg: TrainConfig, ckpt: dict, path: Path, world_size: int) -> None:
+    """A checkpoint this run can continue: a run's state, the same optimizer and model, the same number of ranks."""
     if any(k not in ckpt for k in RUN_STATE):
         raise TrainError(f"--resume {path}: a model without a run's state: start from it with --init-from {path}")
     if ckpt["args"].get("optimizer", "adamw") != cfg.optimizer:  # before the architecture options: muon sets one
@@ -1200,7 +1288,25 @@ def open_resume(cfg: TrainConfig, world_size: int) -> tuple[dict | None, Path | 
         raise TrainError(f"--resume: the checkpoint was written by {ckpt['world_size']} rank(s), this run has "
                          f"{world_size}: resume with the same number of processes (the data position and RNG "
                          "are per rank; --shard may change)")
-    return ckpt, path
+
+
+def check_progress(cfg: TrainConfig, start_step: int, path: Path | None) -> None:
+    """torchrun --max-restarts restarts failed workers whatever their exit code. A restart that would start where
+    the restart before it started (log.txt's `restart` lines: every attempt writes one) would retry from the same
+    checkpoint a second time: the first retry failed before writing a newer one, so the fault is likely
+    deterministic (a NaN at a step, a bad batch) and would fail this one alike. NoProgress ends the crash loop.
+    One retry from each checkpoint stays: a single kill -9 before the first checkpoint costs one restart."""
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    log = Path(cfg.log_dir) / "log.txt"
+    if restart < 2 or not log.is_file():
+        return
+    starts = [int(row[0]) for row in map(str.split, log.read_text().splitlines())
+              if len(row) == 3 and row[1] == "restart" and int(row[2]) >= 1]  # restarts, not the first launch
+    if starts and starts[-1] == start_step:
+        origin = f"from {path}" if path is not None else "afresh"
+        raise NoProgress(f"torchrun restart {restart} would start {origin} (step {start_step}) as restart "
+                         f"{restart - 1} did, which failed without writing a newer checkpoint: stopping this crash "
+                         f"loop (exit {NO_PROGRESS_EXIT}: do not requeue; the attempts' own errors are above)")
 
 
 # -----------------------------------------------------------------------------
@@ -1225,8 +1331,14 @@ def check_batch(cfg: TrainConfig, world_size: int) -> int:
 
 
 def check_checkpointing(cfg: TrainConfig) -> None:
+    """--keep-last, --checkpoint-minutes and --dist-timeout."""
     if cfg.keep_last and cfg.keep_last < 2:
         raise TrainError(f"--keep-last {cfg.keep_last}: keep 2 or more (the newest can be damaged; 0 keeps all)")
+    if cfg.checkpoint_minutes < 0:
+        raise TrainError(f"--checkpoint-minutes {cfg.checkpoint_minutes}: give minutes > 0, or 0 for none")
+    if not cfg.dist_timeout > 0:
+        raise TrainError(f"--dist-timeout {cfg.dist_timeout}: give seconds > 0, longer than any step, evaluation or "
+                         "checkpoint takes")
 
 
 def check_spike_guard(cfg: TrainConfig) -> None:
@@ -1353,7 +1465,7 @@ def setup(cfg: TrainConfig, dist: Dist) -> Run:
     check_recipe(cfg)
     autocast_dtype = setup_precision(cfg.dtype, dist.device_type)
     others = lambda what: TrainError(f"another rank could not {what} (see its error)")
-    ckpt, ckpt_path = on_every_rank(lambda: open_resume(cfg, dist.world_size), dist, others("read the checkpoint"))
+    ckpt, ckpt_path = on_every_rank(lambda: open_resume(cfg, dist), dist, others("read the checkpoint"))
     raw_model = on_every_rank(lambda: build_model(cfg, ckpt), dist, others("build the model"))
     need_eval = cfg.eval_interval > 0
     train_loader, val_loader = open_data(cfg, dist, need_eval, raw_model.config.vocab_size)
@@ -1369,9 +1481,8 @@ def setup(cfg: TrainConfig, dist: Dist) -> Run:
         restore_run(run, ckpt)
         del ckpt  # every rank holds it in host memory: model + Adam state, 1.5 GB at 124M, 18 GB for gpt2-xl
     run.metrics = on_every_rank(lambda: Metrics(cfg, dist, run.start_step), dist, others("open its log"))
-    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")  # torchrun --max-restarts: which attempt this is
-    if restart != "0":
-        run.metrics.print(f"torchrun restart {restart} (TORCHELASTIC_RESTART_COUNT)")
+    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:  # where each attempt starts, for check_progress
+        run.metrics.log(run.start_step, restart=int(os.environ["TORCHELASTIC_RESTART_COUNT"]))
     if ckpt_path is not None:
         run.metrics.print(f"resuming from {ckpt_path} at step {run.start_step}")
     run.metrics.print(f"{raw_model.num_parameters():,} parameters | {dist.world_size} rank(s) on {dist.device} | "
@@ -1442,18 +1553,29 @@ def evaluate(run: Run, step: int) -> None:
 
 
 class StopSignal:
-    """SIGTERM / SIGINT (preemption, Ctrl-C) ask the loop to finish its step, checkpoint and exit.
+    """What asks the loop to checkpoint from outside the step: SIGTERM / SIGINT (preemption, Ctrl-C), which also
+    stop the run after that step's checkpoint, and --checkpoint-minutes' clock (checkpoint_due).
 
-    A second signal stops at once.
+    A second signal stops at once, but not under torchrun: a signal sent to the whole process group (Ctrl-C,
+    Slurm's scancel) reaches each worker twice there, directly and forwarded by torchrun, which SIGKILLs any
+    worker still alive 30 s later anyway.
     """
 
-    def __init__(self):
+    def __init__(self, checkpoint_minutes: float = 0):
         self.requested = False
+        self.second_stops = "TORCHELASTIC_RUN_ID" not in os.environ  # set by torchrun for its workers
+        self.checkpoint_seconds, self.last_checkpoint = 60 * checkpoint_minutes, time.monotonic()
         self._previous = {}
+
+    @property
+    def checkpoint_due(self) -> bool:
+        return 0 < self.checkpoint_seconds <= time.monotonic() - self.last_checkpoint
 
     def _handle(self, signum, frame):
         if self.requested:
-            raise KeyboardInterrupt
+            if self.second_stops:
+                raise KeyboardInterrupt
+            return
         self.requested = True
         print(f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint", flush=True)
 
@@ -1480,9 +1602,10 @@ def grad_sync(run: Run, sync: bool):
     return nullcontext() if sync or run.dist.world_size == 1 else run.model.no_sync()
 
 
-def backward(run: Run, stop: StopSignal) -> torch.Tensor:
+def backward(run: Run, stop: StopSignal, poison: bool = False) -> torch.Tensor:
     """Forward and backward over grad_accum micro-batches; the gradients and, on the device, [the mean loss,
-    the stop request, the gradient norm] (clipped after, and unscaled first under float16)."""
+    the stop request, the checkpoint request, the gradient norm] (clipped after, and unscaled first under
+    float16). poison: the loss times NaN (fault injection)."""
     cfg, device = run.cfg, run.dist.device
     loss_accum = torch.zeros((), device=device)
     for micro_step in range(run.grad_accum):
@@ -1491,6 +1614,8 @@ def backward(run: Run, stop: StopSignal) -> torch.Tensor:
             with run.autocast():
                 loss = run.model(x, y, loss_chunk=cfg.loss_chunk)[1]  # the (B, T, vocab) logits are not kept
             loss = loss / run.grad_accum  # the mean over the whole batch, not a sum of means
+            if poison:
+                loss = loss * math.nan
             loss_accum += loss.detach()
             (run.scaler.scale(loss) if run.scaler is not None else loss).backward()
     if run.scaler is not None:
@@ -1498,7 +1623,8 @@ def backward(run: Run, stop: StopSignal) -> torch.Tensor:
             run.scaler.unscale_(optimizer)  # the true gradients, for the norm and its clipping
     norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
     norm = whole(norm)  # under fsdp, the norm over every rank's shard
-    return torch.stack([loss_accum.float(), torch.full((), float(stop.requested), device=device), norm.float()])
+    requests = [torch.full((), float(asked), device=device) for asked in (stop.requested, stop.checkpoint_due)]
+    return torch.stack([loss_accum.float(), *requests, norm.float()])
 
 
 def optimizer_step(run: Run, norm: torch.Tensor) -> None:
@@ -1517,31 +1643,32 @@ def optimizer_step(run: Run, norm: torch.Tensor) -> None:
 
 def train_step(run: Run, step: int, stop: StopSignal) -> dict:
     """One optimizer step over grad_accum micro-batches. It waits for the device once, at the end, for the
-    loss, the gradient norm and whether any rank was asked to stop, all three in one tensor."""
+    loss, the gradient norm and whether any rank was asked to stop or to checkpoint, all in one tensor."""
     cfg, dist = run.cfg, run.dist
     t0 = time.perf_counter()
     for optimizer in run.optimizers:
         optimizer.zero_grad(set_to_none=True)
-    stats = backward(run, stop)
+    stats = backward(run, stop, poison=fault("nan", step, dist.rank))
     lr, momentum = set_schedule(run, step)
-    # the loss and the stop requests summed over ranks: every rank logs the same loss and stops at the same step
-    all_reduce_sum(stats[:2])
-    optimizer_step(run, stats[2])
-    loss_sum, stops, norm = stats.tolist()  # the step's one sync: queued after the update, it waits for all of it
+    # the loss and the requests summed over ranks: every rank logs the same loss, checkpoints and stops alike
+    all_reduce_sum(stats[:3])
+    optimizer_step(run, stats[3])
+    loss_sum, stops, due, norm = stats.tolist()  # the step's one sync: queued after the update, it waits for it
     dt = time.perf_counter() - t0
     run.train_time += dt
-    loss = loss_sum / dist.world_size
+    loss, diverged = loss_sum / dist.world_size, None
     # float16: gradients that overflow were not applied (the scaler skipped the step); anything else non-finite
-    # means the weights are lost, and stops the run before any checkpoint holds them
+    # means the weights are lost: the run stops before any checkpoint holds them, or --spike-guard rewinds
     skipped = run.scaler.get_scale() if run.scaler is not None and not math.isfinite(norm) else None
     if not (math.isfinite(loss) and (math.isfinite(norm) or (skipped or 0) >= 1)):  # < 1: fp16 overflows unscaled
-        what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {norm}"
-        raise TrainingDiverged(f"{what} at step {step}: stopping; the last checkpoint "
-                               f"({latest_checkpoint(cfg.log_dir) or 'none'}) is untouched")
+        diverged = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {norm}"
+        if run.spike_guard is None:
+            raise TrainingDiverged(f"{diverged} at step {step}: stopping; the last checkpoint "
+                                   f"({latest_checkpoint(cfg.log_dir) or 'none'}) is untouched")
     tokens_per_sec = cfg.total_batch_size / dt
     mfu = tokens_per_sec * run.flops_per_token / run.peak_flops / dist.world_size if run.peak_flops else None
     return {"loss": loss, "lr": lr, "norm": norm, "dt": dt, "tokens_per_sec": tokens_per_sec, "mfu": mfu,
-            "stop": stops > 0, "skipped": skipped, "momentum": momentum}
+            "stop": stops > 0, "checkpoint": due > 0, "diverged": diverged, "skipped": skipped, "momentum": momentum}
 
 
 # -----------------------------------------------------------------------------
@@ -1567,8 +1694,11 @@ class SpikeGuard:
         self.threshold, self.losses, self.rewinds = threshold, deque(maxlen=window), 0
         self.checkpoint = checkpoint  # where a rewind goes: the newest checkpoint this run wrote or resumed from
 
-    def check(self, loss: float) -> str | None:
-        """None for a normal loss, which joins the history; for a spike, why it is one (and it does not join)."""
+    def check(self, loss: float, diverged: str | None = None) -> str | None:
+        """None for a normal loss, which joins the history; for a spike, why it is one (and it does not join).
+        A non-finite loss or gradient norm (diverged: which) is always one, however few losses came before."""
+        if diverged is not None:
+            return f"{diverged}: not finite"
         if len(self.losses) == self.losses.maxlen:
             median = statistics.median(self.losses)
             mad = statistics.median(abs(x - median) for x in self.losses)
@@ -1641,16 +1771,20 @@ def reached_target(run: Run, step: int, checkpoints: list[str]) -> bool:
 def loop(run: Run, on_step=None) -> dict:
     cfg, metrics, guard = run.cfg, run.metrics, run.spike_guard
     checkpoints, step, done = [], run.start_step, run.start_step - 1
-    with StopSignal() as stop:
+    with StopSignal(cfg.checkpoint_minutes) as stop:
         while step < cfg.max_steps:
             last_step = step == cfg.max_steps - 1
             if cfg.eval_interval > 0 and (step % cfg.eval_interval == 0 or last_step):
+                inject_faults(f"eval{step}", run.dist.rank)  # tests only (GPT2_FAULTS)
                 evaluate(run, step)
                 if reached_target(run, step, checkpoints):
                     break
 
+            inject_faults(step, run.dist.rank)  # tests only (GPT2_FAULTS)
             stats = train_step(run, step, stop)
-            why = guard.check(stats["loss"]) if guard is not None else None
+            if step == run.start_step:  # compiled and running: from here a rank that hangs ends the job
+                set_collective_timeout(cfg.dist_timeout)
+            why = guard.check(stats["loss"], stats["diverged"]) if guard is not None else None
             if why is not None:  # before the step's checkpoint: a spiked step is never saved
                 step = rewind(run, step, stats["loss"], why)
                 continue
@@ -1659,8 +1793,8 @@ def loop(run: Run, on_step=None) -> dict:
 
             stopping = stats["stop"] or step == cfg.stop_after_step
             periodic = cfg.checkpoint_interval > 0 and step > 0 and step % cfg.checkpoint_interval == 0
-            if last_step or periodic or stopping:
-                path = save_run(run, step)
+            if last_step or periodic or stopping or stats["checkpoint"]:  # the last: --checkpoint-minutes
+                path, stop.last_checkpoint = save_run(run, step), time.monotonic()
                 if path is not None:
                     checkpoints.append(str(path))
                     metrics.print(f"saved {path}")
@@ -1678,6 +1812,7 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
     """Run training; returns the history: every metric by step, the checkpoints written, the last step.
     on_step(step, stats) is called after every optimizer step (tests, notebooks, the benchmark): stats
     holds loss, lr, norm, dt (seconds), tokens_per_sec, mfu (None off a known GPU), stop, model."""
+    inject_faults("start", int(os.environ.get("RANK", "0")))  # tests only (GPT2_FAULTS)
     dist = setup_distributed(cfg.device)
     run, failed = None, True
     try:
@@ -1868,6 +2003,15 @@ def export_main(argv: list[str]) -> None:
           f"(a {hf_architecture(model.config)})")
 
 
+def end_torchrun() -> None:
+    """Under torchrun, end it with the status NO_PROGRESS_EXIT, so that a scheduler does not requeue the job.
+    torchrun restarts a failed worker whatever its exit code and exits 1 itself after any failure: only a signal
+    it does not handle carries a status of ours, SIGUSR2, which kills it (128 + 12 = 140, a shell's $?). Every
+    rank sends it before exiting, so torchrun dies before it sees a worker exit and restarts one."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # set by torchrun for its workers: its agent is our parent
+        os.kill(os.getppid(), signal.SIGUSR2)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     commands = {"sample": sample_main, "export": export_main, "plan": plan_main}
@@ -1876,6 +2020,10 @@ def main(argv: list[str] | None = None) -> None:
             commands[argv[0]](argv[1:])
         else:
             train(parse_train_args(argv))
+    except NoProgress as e:
+        print(f"train_gpt2.py: error: {one_line(e)}", file=sys.stderr, flush=True)
+        end_torchrun()
+        sys.exit(NO_PROGRESS_EXIT)
     except (TrainError, TokenizerError, OSError, ValueError) as e:  # OSError: a full disk, a --log-dir that is a file
         print(f"train_gpt2.py: error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)

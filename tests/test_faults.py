@@ -1,4 +1,7 @@
-"""Faults a long run meets, through the real command line (`python train_gpt2.py ...`): damaged checkpoints.
+"""Faults a long run meets, each through the real command line (`python train_gpt2.py ...`, or `torchrun
+--standalone --max-restarts=N train_gpt2.py ... --resume auto` with 2 Gloo ranks): damaged checkpoints, ranks
+killed (one while writing a checkpoint), a hung rank, preemption, a full disk, a crash loop, --keep-last and
+--checkpoint-minutes. Faults are injected through the GPT2_FAULTS environment variable (train_gpt2.fault).
 
 torch.save's zip stores a CRC-32 of every record (the pickle, each tensor's bytes) that torch.load never reads, so
 a flipped byte inside a tensor loaded silently; every checkpoint is now verified before it is used.
@@ -6,8 +9,12 @@ a flipped byte inside a tensor loaded silently; every checkpoint is now verified
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -127,3 +134,180 @@ def test_keep_last_deletes_old_checkpoints_only_once_the_new_one_is_in_place(sto
     out = cli(args("keep1", "--keep-last", "1"), check=False)
     assert out.returncode != 0 and "--keep-last 1: keep 2 or more" in out.stderr.strip().splitlines()[-1]
     assert not (root / "keep1").exists() or not tg.checkpoints(root / "keep1")
+
+
+# -----------------------------------------------------------------------------
+# Under torchrun: 2 Gloo ranks, faults injected through GPT2_FAULTS (train_gpt2.fault), the documented long-run
+# command `torchrun --standalone --max-restarts=N train_gpt2.py ... --resume auto`.
+
+
+def torchrun_job(args: list[str], faults: str = "", restarts: int = 0, timeout: int = 240,
+                 **popen) -> subprocess.CompletedProcess | subprocess.Popen:
+    """train_gpt2.py under `torchrun --standalone --nproc_per_node=2 --max-restarts=restarts`; with popen
+    arguments (stdout=...), the running torchrun process instead of its result."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           f"--max-restarts={restarts}", "train_gpt2.py", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", tg.FAULTS_ENV: faults}
+    job = subprocess.Popen(cmd, cwd=REPO, env=env, text=True, start_new_session=True,
+                           **(popen or dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE)))
+    if popen:
+        return job
+    try:
+        stdout, stderr = job.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:  # a hang: torchrun and its workers all go, none left running
+        os.killpg(job.pid, signal.SIGKILL)
+        stdout, stderr = job.communicate()
+        pytest.fail(f"torchrun still running after {timeout} s: {stderr[-3000:]}")
+    return subprocess.CompletedProcess(cmd, job.returncode, stdout, stderr)
+
+
+def logged(log_dir: Path, name: str) -> list[tuple[int, float]]:
+    """log.txt's lines of one metric in the order written: a step a restart ran again appears again."""
+    rows = [ln.split() for ln in (log_dir / "log.txt").read_text().splitlines()]
+    return [(int(s), float(v)) for s, n, v in rows if n == name]
+
+
+def assert_same_as_uninterrupted(log_dir: Path, straight: Path) -> None:
+    """Every train and val line (those a restart wrote again too) equals the uninterrupted run's at its step,
+    every step is there, and the last checkpoint's weights and AdamW state are the same tensors."""
+    for name in ("train", "val"):
+        want = dict(logged(straight, name))
+        got = logged(log_dir, name)
+        assert {s for s, _ in got} == set(want) and all(v == want[s] for s, v in got), (name, got, want)
+    a, b = (torch.load(tg.latest_checkpoint(d), weights_only=True) for d in (log_dir, straight))
+    assert a["step"] == b["step"]
+    assert all(torch.equal(a["model"][k], w) for k, w in b["model"].items())
+    for i, state in b["optimizer"]["state"].items():
+        assert all(torch.equal(a["optimizer"]["state"][i][k], v) for k, v in state.items()), i
+
+
+def steps_logged(log_dir: Path) -> set[int]:
+    """The steps log.txt has a train line for so far (it may be being written)."""
+    path = log_dir / "log.txt"
+    rows = [ln.split() for ln in path.read_text().splitlines()] if path.is_file() else []
+    return {int(r[0]) for r in rows if len(r) == 3 and r[1] == "train"}
+
+
+def restarts_logged(log_dir: Path) -> list[tuple[int, int]]:
+    return [(s, int(v)) for s, v in logged(log_dir, "restart")]
+
+
+@pytest.fixture(scope="module")
+def ranks2(tmp_path_factory):
+    """An uninterrupted 2-rank run (9 steps, checkpoints at 3, 6, 8, evaluations at 0, 3, 6, 8) to compare with."""
+    root = tmp_path_factory.mktemp("ranks2")
+    shards = write_shards(root / "shards")
+    args = lambda d, *x: tiny_args(shards, root / d, "--checkpoint-interval", "3", *x, steps=9)
+    out = torchrun_job(args("straight"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    return root, args
+
+
+def test_killed_ranks_restart_and_finish_as_if_never_killed(ranks2):
+    """kill -9 of rank 0 while it writes checkpoint 3 (before any checkpoint exists), then of rank 1 at step 5 of
+    the restart; each restarted rank 1 (then rank 0) reaches the process group 3 s late, so that its peer reads
+    the group's keys first: in torchrun's shared store those were the killed attempt's, and Gloo connected to a
+    dead address and hung (fixed by gpt2.torchrun_store). --max-restarts=2 --resume auto: exit 0, the same run."""
+    root, args = ranks2
+    faults = "kill-in-save@3:0:0,kill@5:1:1,late@start:1:1,late@start:0:2"
+    t0 = time.monotonic()
+    out = torchrun_job(args("killed", "--resume", "auto"), faults, restarts=2)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert time.monotonic() - t0 < 150  # no attempt waited for a dead peer
+    log_dir = root / "killed"
+    assert restarts_logged(log_dir) == [(0, 1), (4, 2)]  # restart 1 afresh (no checkpoint yet), 2 from step 3
+    assert not list(log_dir.glob(".*.tmp*"))  # the half-written checkpoint 3 of attempt 0 was cleared away
+    assert_same_as_uninterrupted(log_dir, root / "straight")
+
+
+def test_a_hung_rank_ends_the_job_within_the_timeout_and_the_restart_finishes(ranks2):
+    """SIGSTOP of rank 1 just before step 6's evaluation under --shard fsdp: rank 0 waits in gathered()'s
+    all-gather for at most --dist-timeout (twice: the all-gather, then the evaluation's error collective), then
+    fails; torchrun stops the hung rank (SIGTERM, then SIGKILL after its 30 s grace) and restarts both."""
+    root, args = ranks2
+    straight = torchrun_job(args("fsdp", "--shard", "fsdp"))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    t0 = time.monotonic()
+    out = torchrun_job(args("hung", "--shard", "fsdp", "--resume", "auto", "--dist-timeout", "4"), "stop@eval6:1:0",
+                       restarts=1)
+    took = time.monotonic() - t0
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert took < 2 * 4 + 30 + 60, took  # the timeouts, torchrun's grace, and two attempts' start-up and steps
+    assert "timed out" in out.stderr.lower() or "timeout" in out.stderr.lower(), out.stderr[-3000:]
+    assert restarts_logged(root / "hung") == [(0, 0), (4, 1)]  # from checkpoint 3
+    assert_same_as_uninterrupted(root / "hung", root / "fsdp")
+
+
+def test_sigterm_to_torchrun_checkpoints_at_once_then_resumes_bitwise(ranks2):
+    """Preemption: SIGTERM to torchrun during step 5 (which sleeps 3 s there on both ranks). torchrun passes it to
+    the workers: they finish step 5, write its checkpoint and exit within torchrun's 30 s grace."""
+    root, args = ranks2
+    log_dir = root / "preempted"
+    job = torchrun_job(args("preempted", "--resume", "auto"), "late@5", restarts=0,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while 4 not in steps_logged(log_dir):  # step 4 done: step 5 is sleeping
+        assert job.poll() is None and time.monotonic() < deadline, job.communicate()
+        time.sleep(0.1)
+    job.send_signal(signal.SIGTERM)
+    t0 = time.monotonic()
+    try:
+        stdout, stderr = job.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # what is left of the job, if anything
+            os.killpg(job.pid, signal.SIGKILL)
+    assert time.monotonic() - t0 < 30, stderr[-3000:]
+    assert [p.name for p in tg.checkpoints(log_dir)] == ["model_00003.pt", "model_00005.pt"], stdout + stderr
+    assert "stopped after step 5" in stdout
+    out = torchrun_job(args("preempted", "--resume", "auto"))  # the same command line again
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert_same_as_uninterrupted(log_dir, root / "straight")
+
+
+def test_a_full_disk_stops_every_rank_and_the_previous_checkpoint_resumes(ranks2):
+    root, args = ranks2
+    log_dir = root / "full"
+    out = torchrun_job(args("full"), "enospc@6")
+    assert out.returncode != 0
+    errors = [ln for ln in out.stderr.splitlines() if ln.startswith("train_gpt2.py: error:")]
+    assert len(errors) == 2, out.stderr[-3000:]  # both ranks, one line each
+    assert any(f"could not write {log_dir / 'model_00006.pt'}" in e and "No space left on device" in e
+               for e in errors), errors
+    assert [p.name for p in tg.checkpoints(log_dir)] == ["model_00003.pt"]
+    assert not list(log_dir.glob(".*.tmp*"))
+    out = torchrun_job(args("full", "--resume"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert_same_as_uninterrupted(log_dir, root / "straight")
+
+
+def test_a_deterministic_crash_ends_the_restart_loop_with_its_own_exit_code(ranks2):
+    """A NaN at step 5 on every launch (no --spike-guard: the run stops there): restart 1 resumes from checkpoint
+    3, restart 2 would again, so it ends the job: torchrun killed by SIGUSR2, status 140 in a shell."""
+    root, args = ranks2
+    out = torchrun_job(args("loop", "--resume", "auto"), "nan@5", restarts=5)
+    assert out.returncode == -signal.SIGUSR2, (out.returncode, out.stderr[-3000:])  # a shell's $? is 140
+    assert restarts_logged(root / "loop") == [(0, 0), (4, 1)]  # attempt 2 stopped before it logged a start
+    reasons = [ln for ln in out.stderr.splitlines() if "stopping this crash loop" in ln]
+    assert reasons and "torchrun restart 2 would start from" in reasons[0] and "model_00003.pt" in reasons[0]
+    assert out.stderr.count("loss is nan at step 5") >= 2
+    assert 128 + signal.SIGUSR2 == tg.NO_PROGRESS_EXIT == 140
+
+
+def test_checkpoint_minutes_also_checkpoints_when_the_time_has_passed(tmp_path, monkeypatch):
+    """--checkpoint-minutes 0.02 (1.2 s), no periodic checkpoints: step 4 sleeps 3 s, so its checkpoint is due."""
+    shards = write_shards(tmp_path / "shards")
+    monkeypatch.setenv(tg.FAULTS_ENV, "late@4")
+    args = tiny_args(shards, tmp_path / "r", "--checkpoint-interval", "0", "--checkpoint-minutes", "0.02", steps=9)
+    history = tg.train(tg.parse_train_args(args))
+    steps = [tg.checkpoint_step(Path(p)) for p in history["checkpoints"]]
+    assert 4 in steps and steps[-1] == 8 and all(s >= 4 for s in steps), steps  # 0..3 take well under 1.2 s
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--dist-timeout", "0"], "--dist-timeout 0.0: give seconds > 0"),
+    (["--checkpoint-minutes", "-1"], "--checkpoint-minutes -1.0: give minutes > 0"),
+])
+def test_bad_fault_flags_are_errors_before_step_0(tmp_path, flags, message):
+    out = cli(tiny_args(write_shards(tmp_path / "shards"), tmp_path / "r", *flags), check=False)
+    assert out.returncode == 2 and message in out.stderr.strip().splitlines()[-1], out.stderr[-2000:]
+    assert not (tmp_path / "r" / "log.txt").exists()

@@ -181,3 +181,49 @@ def test_a_rewind_under_fsdp_restores_each_ranks_shards(spiked, tmp_path):
     a, b = final_state(tmp_path / "fsdp"), final_state(tmp / "on")
     assert a["loader"]["group_pos"] == 14 and a["spike_guard"]["rewinds"] == 1  # one window per rank per step
     assert_same_parameters(a["model"], b["model"])
+
+
+# A loss that is not finite (NaN, inf) is a spike too: rewind and skip, not a stop (without the guard it still
+# stops, as tests/test_faults.py's crash loop shows). Injected through GPT2_FAULTS at step 8, on the data whose
+# step 8 is garbage, so the guarded run must be the same run as `on`: the same rewind to 6, the same skip.
+
+def assert_nan_rewound(log_dir: Path) -> None:
+    spikes = log_lines(log_dir, "spike")
+    assert len(spikes) == 1 and spikes[0][0] == 8 and np.isnan(spikes[0][1]), spikes
+    assert [s for s, _ in log_lines(log_dir, "train")] == [0, 1, 2, 3, 4, 5, 6, 7, 7, 8, 9, 10, 11]
+    assert all(np.isfinite(v) for _, v in log_lines(log_dir, "train"))
+    state = final_state(log_dir)
+    assert state["spike_guard"]["rewinds"] == 1 and all(torch.isfinite(w).all() for w in state["model"].values())
+
+
+def test_a_nan_loss_is_a_spike(spiked, tmp_path, monkeypatch, capsys):
+    tmp, data, _ = spiked
+    monkeypatch.setenv(tg.FAULTS_ENV, "nan@8")
+    run(args(data, tmp_path / "nan", *GUARD))
+    assert "loss is nan: not finite" in capsys.readouterr().out
+    assert_nan_rewound(tmp_path / "nan")
+    assert log_lines(tmp_path / "nan", "train") == log_lines(tmp / "on", "train")  # bitwise the same run
+    assert final_state(tmp_path / "nan")["loader"] == final_state(tmp / "on")["loader"]
+
+
+def test_a_nan_loss_is_a_spike_under_ddp(spiked, tmp_path, monkeypatch):
+    tmp, data, _ = spiked
+    monkeypatch.setenv(tg.FAULTS_ENV, "nan@8:1")  # one rank's loss: the all-reduced loss is NaN on both
+    out = torchrun(args(data, tmp_path / "ddp", *GUARD))
+    assert out.stdout.count("rewind 1 of at most 3: back to") == 1
+    assert_nan_rewound(tmp_path / "ddp")
+    single = log_lines(tmp / "on", "train")
+    assert [v for _, v in log_lines(tmp_path / "ddp", "train")] == pytest.approx([v for _, v in single], rel=1e-5)
+
+
+@pytest.mark.parametrize("flags", [["--compile"], ["--dtype", "float16"]], ids=["compile", "float16"])
+def test_a_nan_loss_is_a_spike_compiled_and_in_float16(spiked, tmp_path, monkeypatch, flags):
+    """float16: the NaN overflows the scaled gradients too; the scaler's skip and halving are undone with the rest
+    (its state is in the checkpoint)."""
+    tmp, data, _ = spiked
+    monkeypatch.setenv(tg.FAULTS_ENV, "nan@8")
+    run(args(data, tmp_path / "r", *GUARD, *flags))
+    assert_nan_rewound(tmp_path / "r")
+    if "float16" in flags:
+        state = final_state(tmp_path / "r")
+        assert state["scaler"]["scale"] == 2.0 ** 16  # never halved: step 8's overflow was rewound
