@@ -311,3 +311,13 @@ def test_bad_fault_flags_are_errors_before_step_0(tmp_path, flags, message):
     out = cli(tiny_args(write_shards(tmp_path / "shards"), tmp_path / "r", *flags), check=False)
     assert out.returncode == 2 and message in out.stderr.strip().splitlines()[-1], out.stderr[-2000:]
     assert not (tmp_path / "r" / "log.txt").exists()
+
+
+def test_restarts_over_several_nodes_need_a_fresh_store_per_attempt(monkeypatch):
+    """Each node counts its own restarts, so keys by the restart count could mix attempts across nodes."""
+    for k, v in dict(TORCHELASTIC_USE_AGENT_STORE="True", GROUP_WORLD_SIZE="2", TORCHELASTIC_MAX_RESTARTS="3").items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ValueError, match="export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"):
+        gpt2.torchrun_store(4, None)
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # what that variable makes torchrun say
+    assert gpt2.torchrun_store(4, None) is None
