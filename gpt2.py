@@ -318,10 +318,11 @@ def set_collective_timeout(seconds: float) -> None:
     import datetime
 
     import torch.distributed as dist
-    from torch.distributed.distributed_c10d import _set_pg_timeout  # private, but torch's own (torchtitan uses it)
+    from torch.distributed import distributed_c10d as c10d  # private, but torch's own (torchtitan uses it)
 
     if dist.is_initialized() and dist.get_world_size() > 1:
-        _set_pg_timeout(datetime.timedelta(seconds=seconds))
+        for group in list(c10d._world.pg_map):  # the default group, and FSDP's device mesh where it made its own
+            c10d._set_pg_timeout(datetime.timedelta(seconds=seconds), group)
 
 
 def torchrun_store(world_size: int, timeout):

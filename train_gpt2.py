@@ -14,6 +14,7 @@ evaluation, the training step, the training loop, command line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import errno
 import hashlib
@@ -1089,7 +1090,8 @@ def checkpoint_writer(step: int):
 # renamed into place once all of it is on disk; every byte is verified before it is used (gpt2.load_checkpoint).
 
 RUN_STATE = ("optimizer", "step", "val_loss", "loader", "rng", "args", "world_size")  # beside model_entries'
-NO_PROGRESS_EXIT = 140  # a crash loop under torchrun ends the job with this status (128 + SIGUSR2): do not requeue
+NO_PROGRESS_EXIT = 140  # a crash loop under torchrun ends the job with this status (128 + SIGUSR2 on Linux)
+ATTEMPTS_FILE = "restarts.txt"  # in --log-dir: each torchrun attempt's run id, restart count and first step
 
 
 class NoProgress(TrainError):
@@ -1162,8 +1164,8 @@ def save_run(run: Run, step: int) -> Path | None:
         try:
             save_checkpoint(path, state(), write=checkpoint_writer(step))
         except OSError as e:  # a full disk: the temporary file is gone, the checkpoints before it untouched
-            raise TrainError(f"could not write {path} ({one_line(e)}): free some space (or pass --keep-last N), "
-                             "then continue with --resume") from e
+            fix = "free some space (or pass --keep-last N)" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "fix it"
+            raise TrainError(f"could not write {path} ({one_line(e)}): {fix}, then continue with --resume") from e
         if run.cfg.keep_last:
             prune_checkpoints(path, run.cfg.keep_last)
     rank_0_first(write, run.dist, TrainError(f"rank 0 could not write {path} (see its error)"))
@@ -1237,8 +1239,8 @@ def newest_whole_checkpoint(log_dir: Path) -> tuple[dict, Path]:
 def open_resume(cfg: TrainConfig, dist: Dist) -> tuple[dict | None, Path | None]:
     """The checkpoint --resume names (None for a fresh run), whole and checked against this run before anything
     is built. Rank 0 first deletes the temporary files a killed writer left in --log-dir (kill -9 mid-save)."""
-    if dist.master and Path(cfg.log_dir).is_dir():
-        remove_stale_temp_files(cfg.log_dir)  # no process writes there now: torchrun stopped every earlier worker
+    if dist.master and Path(cfg.log_dir).is_dir():  # a log dir is one run's: no other process writes there now
+        remove_stale_temp_files(cfg.log_dir)  # (under torchrun, it stopped every earlier attempt's workers first)
     ckpt, path = find_resume(cfg)
     if ckpt is not None:
         check_resumable(cfg, ckpt, path, dist.world_size)
@@ -1292,21 +1294,34 @@ def check_resumable(cfg: TrainConfig, ckpt: dict, path: Path, world_size: int) -
 
 def check_progress(cfg: TrainConfig, start_step: int, path: Path | None) -> None:
     """torchrun --max-restarts restarts failed workers whatever their exit code. A restart that would start where
-    the restart before it started (log.txt's `restart` lines: every attempt writes one) would retry from the same
-    checkpoint a second time: the first retry failed before writing a newer one, so the fault is likely
-    deterministic (a NaN at a step, a bad batch) and would fail this one alike. NoProgress ends the crash loop.
-    One retry from each checkpoint stays: a single kill -9 before the first checkpoint costs one restart."""
+    the restart before it started (restarts.txt, see record_attempt) would retry from the same checkpoint a second
+    time: the first retry failed before writing a newer one, so the fault is likely deterministic (a NaN at a
+    step, a bad batch) and would fail this one alike. NoProgress ends the crash loop. One retry from each
+    checkpoint stays: a single kill -9 before the first checkpoint costs one restart, not the job. Every rank
+    reads the file before rank 0 adds this attempt's line, so every rank decides alike."""
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    log = Path(cfg.log_dir) / "log.txt"
-    if restart < 2 or not log.is_file():
+    attempts = Path(cfg.log_dir) / ATTEMPTS_FILE
+    if restart < 2 or not attempts.is_file():
         return
-    starts = [int(row[0]) for row in map(str.split, log.read_text().splitlines())
-              if len(row) == 3 and row[1] == "restart" and int(row[2]) >= 1]  # restarts, not the first launch
+    this_job = os.environ.get("TORCHELASTIC_RUN_ID")
+    starts = [int(row[2]) for row in map(str.split, attempts.read_text().splitlines())
+              if len(row) == 3 and row[0] == this_job and int(row[1]) >= 1]  # restarts, not the first launch
     if starts and starts[-1] == start_step:
         origin = f"from {path}" if path is not None else "afresh"
-        raise NoProgress(f"torchrun restart {restart} would start {origin} (step {start_step}) as restart "
-                         f"{restart - 1} did, which failed without writing a newer checkpoint: stopping this crash "
+        raise NoProgress(f"torchrun restart {restart} would start {origin} (step {start_step}) as the restart "
+                         f"before it did, which failed without writing a newer checkpoint: stopping this crash "
                          f"loop (exit {NO_PROGRESS_EXIT}: do not requeue; the attempts' own errors are above)")
+
+
+def record_attempt(cfg: TrainConfig, dist: Dist, start_step: int) -> None:
+    """Under torchrun --max-restarts, rank 0 appends where this attempt starts to restarts.txt (never truncated,
+    unlike log.txt) once every rank has read it: before the model and the data, so that an attempt failing in
+    their set-up counts too."""
+    if dist.master and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
+        Path(cfg.log_dir).mkdir(parents=True, exist_ok=True)
+        job, restart = os.environ.get("TORCHELASTIC_RUN_ID"), os.environ["TORCHELASTIC_RESTART_COUNT"]
+        with open(Path(cfg.log_dir) / ATTEMPTS_FILE, "a") as f:
+            f.write(f"{job} {restart} {start_step}\n")
 
 
 # -----------------------------------------------------------------------------
@@ -1466,6 +1481,8 @@ def setup(cfg: TrainConfig, dist: Dist) -> Run:
     autocast_dtype = setup_precision(cfg.dtype, dist.device_type)
     others = lambda what: TrainError(f"another rank could not {what} (see its error)")
     ckpt, ckpt_path = on_every_rank(lambda: open_resume(cfg, dist), dist, others("read the checkpoint"))
+    on_every_rank(lambda: record_attempt(cfg, dist, ckpt["step"] + 1 if ckpt is not None else 0), dist,
+                  others("write its restarts.txt"))
     raw_model = on_every_rank(lambda: build_model(cfg, ckpt), dist, others("build the model"))
     need_eval = cfg.eval_interval > 0
     train_loader, val_loader = open_data(cfg, dist, need_eval, raw_model.config.vocab_size)
@@ -1481,7 +1498,7 @@ def setup(cfg: TrainConfig, dist: Dist) -> Run:
         restore_run(run, ckpt)
         del ckpt  # every rank holds it in host memory: model + Adam state, 1.5 GB at 124M, 18 GB for gpt2-xl
     run.metrics = on_every_rank(lambda: Metrics(cfg, dist, run.start_step), dist, others("open its log"))
-    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:  # where each attempt starts, for check_progress
+    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:  # where each attempt starts (also in restarts.txt)
         run.metrics.log(run.start_step, restart=int(os.environ["TORCHELASTIC_RESTART_COUNT"]))
     if ckpt_path is not None:
         run.metrics.print(f"resuming from {ckpt_path} at step {run.start_step}")
@@ -1725,14 +1742,16 @@ def rewind(run: Run, step: int, loss: float, why: str) -> int:
     metrics.log(step, spike=loss, note=why)
     path = guard.checkpoint
     if path is None:
-        raise TrainingDiverged(f"loss {loss:.4f} at step {step} is a spike, and there is no checkpoint to rewind to "
-                               "yet: stopping (a smaller --checkpoint-interval writes the first one sooner)")
+        raise TrainingDiverged(f"loss {loss:.4f} at step {step} is a spike, {why}, and there is no checkpoint to "
+                               "rewind to yet: stopping (a smaller --checkpoint-interval writes the first one sooner)")
     if guard.rewinds >= cfg.max_rewinds:
         raise TrainingDiverged(f"loss {loss:.4f} at step {step} is a spike after {guard.rewinds} rewind(s) "
                                f"(--max-rewinds {cfg.max_rewinds}): stopping; its last checkpoint {path} is untouched")
     data_after, rewinds = run.train_loader.state_dict(), guard.rewinds + 1
+    set_collective_timeout(PROCESS_GROUP_TIMEOUT_MINUTES * 60)  # every rank reads all of it: a big file, a slow disk
     ckpt = on_every_rank(lambda: load_checkpoint(path), run.dist,
                          TrainError(f"another rank could not read {path} to rewind to (see its error)"))
+    set_collective_timeout(cfg.dist_timeout)
     restore_run(run, ckpt, weights=True)
     del ckpt
     run.train_loader.load_state_dict(data_after)  # the batches of steps c+1..step: skipped
@@ -2003,17 +2022,20 @@ def export_main(argv: list[str]) -> None:
           f"(a {hf_architecture(model.config)})")
 
 
-def end_torchrun() -> None:
+def end_torchrun(agent: int) -> None:
     """Under torchrun, end it with the status NO_PROGRESS_EXIT, so that a scheduler does not requeue the job.
     torchrun restarts a failed worker whatever its exit code and exits 1 itself after any failure: only a signal
-    it does not handle carries a status of ours, SIGUSR2, which kills it (128 + 12 = 140, a shell's $?). Every
-    rank sends it before exiting, so torchrun dies before it sees a worker exit and restarts one."""
-    if "TORCHELASTIC_RUN_ID" in os.environ:  # set by torchrun for its workers: its agent is our parent
-        os.kill(os.getppid(), signal.SIGUSR2)
+    it does not handle carries a status of ours, SIGUSR2, which kills it (128 + 12 = 140 on Linux, a shell's $?).
+    Every rank sends it before exiting, so torchrun dies before it sees a worker exit and restarts one; once it
+    is gone (our parent, `agent` at start-up, is no longer), the others send nothing."""
+    if "TORCHELASTIC_RUN_ID" in os.environ and os.getppid() == agent:  # set by torchrun for its workers
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(agent, signal.SIGUSR2)
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
+    agent = os.getppid()  # under torchrun, its agent (end_torchrun)
     commands = {"sample": sample_main, "export": export_main, "plan": plan_main}
     try:
         if argv and argv[0] in commands:
@@ -2022,7 +2044,7 @@ def main(argv: list[str] | None = None) -> None:
             train(parse_train_args(argv))
     except NoProgress as e:
         print(f"train_gpt2.py: error: {one_line(e)}", file=sys.stderr, flush=True)
-        end_torchrun()
+        end_torchrun(agent)
         sys.exit(NO_PROGRESS_EXIT)
     except (TrainError, TokenizerError, OSError, ValueError) as e:  # OSError: a full disk, a --log-dir that is a file
         print(f"train_gpt2.py: error: {one_line(e)}", file=sys.stderr)
