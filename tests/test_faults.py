@@ -212,6 +212,8 @@ def test_killed_ranks_restart_and_finish_as_if_never_killed(ranks2):
     faults = "kill-in-save@3:0:0,kill@5:1:1,late@start:1:1,late@start:0:2"
     out = torchrun_job(args("killed", "--resume", "auto"), faults, restarts=2)  # a hang: fails at 240 s
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    # the survivors of each kill exited within torchrun's SIGTERM grace: none had to be SIGKILLed
+    assert "Sending process" in out.stderr and "forcefully exiting" not in out.stderr, out.stderr[-3000:]
     log_dir = root / "killed"
     assert restarts_logged(log_dir) == [(0, 1), (4, 2)]  # restart 1 afresh (no checkpoint yet), 2 from step 3
     assert not list(log_dir.glob(".*.tmp*"))  # the half-written checkpoint 3 of attempt 0 was cleared away
@@ -231,6 +233,7 @@ def test_a_hung_rank_ends_the_job_within_the_timeout_and_the_restart_finishes(ra
     took = time.monotonic() - t0
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert took < 2 * 4 + 30 + 120, took  # the timeouts, torchrun's grace, two attempts' start-up and steps
+    assert "forcefully exiting via 9" in out.stderr  # the stopped rank: SIGTERM, 30 s of grace, then SIGKILL (9)
     gloo_timeouts = ("Application timeout caused pair closure", "Timed out waiting 4000ms")  # Gloo's own words
     assert any(m in out.stderr for m in gloo_timeouts), out.stderr[-3000:]
     assert restarts_logged(root / "hung") == [(0, 0), (4, 1)]  # from checkpoint 3
