@@ -325,6 +325,13 @@ def set_collective_timeout(seconds: float) -> None:
             c10d._set_pg_timeout(datetime.timedelta(seconds=seconds), group)
 
 
+def torchrun_attempt() -> tuple[str | None, int, int]:
+    """Under torchrun: the job's run id, this attempt's restart count and --max-restarts; (None, 0, 0) elsewhere."""
+    env = os.environ
+    return (env.get("TORCHELASTIC_RUN_ID"), int(env.get("TORCHELASTIC_RESTART_COUNT", "0")),
+            int(env.get("TORCHELASTIC_MAX_RESTARTS", "0")))
+
+
 def torchrun_store(world_size: int, timeout):
     """The store this torchrun attempt's ranks meet in: their own part of torchrun's store; None off torchrun.
 
@@ -339,13 +346,14 @@ def torchrun_store(world_size: int, timeout):
 
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
-    if int(os.environ.get("GROUP_WORLD_SIZE", "1")) > 1 and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")):
+    _, restart, max_restarts = torchrun_attempt()
+    if int(os.environ.get("GROUP_WORLD_SIZE", "1")) > 1 and max_restarts:
         raise ValueError("torchrun --max-restarts over several nodes: export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
                          "before torchrun (each node counts its own restarts, so restarted ranks could meet in an "
                          "earlier attempt's keys)")
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False,
                           timeout=timeout)
-    return dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    return dist.PrefixStore(f"attempt_{restart}", store)
 
 
 def setup_distributed(device: str = "auto") -> Dist:

@@ -77,6 +77,7 @@ from gpt2 import (
     setup_distributed,
     setup_precision,
     teardown_distributed,
+    torchrun_attempt,
 )
 
 
@@ -1049,7 +1050,7 @@ FAULTS_ENV = "GPT2_FAULTS"
 def fault(kind: str, step, rank: int) -> bool:
     """Whether GPT2_FAULTS asks for this fault here: at this step, on this rank, in this torchrun attempt. Each
     fires once in a process (it leaves this process's GPT2_FAULTS): a step that a rewind runs again is clean."""
-    here = (str(step), str(rank), os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    here = (str(step), str(rank), str(torchrun_attempt()[1]))
     specs = [spec for spec in os.environ.get(FAULTS_ENV, "").split(",") if spec]
     for spec in specs:
         what, _, where = spec.partition("@")
@@ -1094,6 +1095,11 @@ NO_PROGRESS_EXIT = 140  # a crash loop under torchrun ends the job with this sta
 ATTEMPTS_FILE = "restarts.txt"  # in --log-dir: each torchrun attempt's run id, restart count and first step
 
 
+def first_step(ckpt: dict | None) -> int:
+    """The step a run starts with: after its checkpoint's, or 0 for a fresh run."""
+    return ckpt["step"] + 1 if ckpt is not None else 0
+
+
 class NoProgress(TrainError):
     """A torchrun restart that would start where the attempt before it started: that one wrote no checkpoint."""
 
@@ -1135,41 +1141,51 @@ def _gather_rng_states(dist: Dist) -> list[dict]:
     return states
 
 
+@contextmanager
+def patient_collectives(cfg: TrainConfig):
+    """While rank 0 writes a checkpoint or every rank reads one (a big file, a slow disk), collectives wait up to
+    the set-up's timeout, not --dist-timeout; after it, --dist-timeout again."""
+    set_collective_timeout(PROCESS_GROUP_TIMEOUT_MINUTES * 60)
+    try:
+        yield
+    finally:
+        set_collective_timeout(cfg.dist_timeout)
+
+
 def save_run(run: Run, step: int) -> Path | None:
     """Every rank calls this (it gathers the ranks' RNG states, and under fsdp the weights and AdamW state);
     rank 0 writes the checkpoint and returns its path. If the write fails (a full disk), every rank stops.
-    Meanwhile the others wait for rank 0 up to the set-up's timeout, not --dist-timeout (a big file, a slow disk)."""
-    set_collective_timeout(PROCESS_GROUP_TIMEOUT_MINUTES * 60)
-    rng = _gather_rng_states(run.dist)
-    path = checkpoint_path(run.cfg.log_dir, step)
-    weights, optimizer, errors = run.raw_model.state_dict(), run.optimizer.state_dict(), []
-    if is_sharded(run.raw_model):  # whole on rank 0: the same checkpoint as DDP's
-        tied = run.raw_model.config.tie_embeddings
-        if tied:  # tied to wte: gathered once, and saved once as torch.save does for DDP
-            del weights["lm_head.weight"]
-        master = run.dist.master
-        weights, optimizer = whole_state(weights, master, errors), whole_state(optimizer, master, errors)
-        if tied:
-            weights["lm_head.weight"] = weights["transformer.wte.weight"]
-    state = lambda: {**model_entries(run.raw_model, weights), "optimizer": optimizer, "step": step,
-                     "val_loss": run.val_loss, "loader": run.train_loader.state_dict(), "rng": rng,
-                     "args": dataclasses.asdict(run.cfg), "world_size": run.dist.world_size,
-                     "muon": run.muon.state_dict() if run.muon is not None else None, "train_time": run.train_time,
-                     "scaler": run.scaler.state_dict() if run.scaler is not None else None,
-                     "spike_guard": run.spike_guard.state_dict() if run.spike_guard is not None else None}
+    Meanwhile the others wait for rank 0 under patient_collectives."""
+    with patient_collectives(run.cfg):  # every collective here may wait for rank 0's disk
+        rng = _gather_rng_states(run.dist)
+        path = checkpoint_path(run.cfg.log_dir, step)
+        weights, optimizer, errors = run.raw_model.state_dict(), run.optimizer.state_dict(), []
+        if is_sharded(run.raw_model):  # whole on rank 0: the same checkpoint as DDP's
+            tied = run.raw_model.config.tie_embeddings
+            if tied:  # tied to wte: gathered once, and saved once as torch.save does for DDP
+                del weights["lm_head.weight"]
+            master = run.dist.master
+            weights, optimizer = whole_state(weights, master, errors), whole_state(optimizer, master, errors)
+            if tied:
+                weights["lm_head.weight"] = weights["transformer.wte.weight"]
+        state = lambda: {**model_entries(run.raw_model, weights), "optimizer": optimizer, "step": step,
+                         "val_loss": run.val_loss, "loader": run.train_loader.state_dict(), "rng": rng,
+                         "args": dataclasses.asdict(run.cfg), "world_size": run.dist.world_size,
+                         "muon": run.muon.state_dict() if run.muon is not None else None, "train_time": run.train_time,
+                         "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+                         "spike_guard": run.spike_guard.state_dict() if run.spike_guard is not None else None}
 
-    def write():
-        if errors:  # rank 0 could not hold the gathered state: every rank stops, here, together
-            raise TrainError(f"rank 0 could not gather the checkpoint {path} in host memory: {one_line(errors[0])}")
-        try:
-            save_checkpoint(path, state(), write=checkpoint_writer(step))
-        except OSError as e:  # a full disk: the temporary file is gone, the checkpoints before it untouched
-            fix = "free some space (or pass --keep-last N)" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "fix it"
-            raise TrainError(f"could not write {path} ({one_line(e)}): {fix}, then continue with --resume") from e
-        if run.cfg.keep_last:
-            prune_checkpoints(path, run.cfg.keep_last)
-    rank_0_first(write, run.dist, TrainError(f"rank 0 could not write {path} (see its error)"))
-    set_collective_timeout(run.cfg.dist_timeout)
+        def write():
+            if errors:  # rank 0 could not hold the gathered state: every rank stops, here, together
+                raise TrainError(f"rank 0 could not gather the checkpoint {path} in host memory: {one_line(errors[0])}")
+            try:
+                save_checkpoint(path, state(), write=checkpoint_writer(step))
+            except OSError as e:  # a full disk: the temporary file is gone, the checkpoints before it untouched
+                fix = "free some space (or pass --keep-last N)" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "fix it"
+                raise TrainError(f"could not write {path} ({one_line(e)}): {fix}, then continue with --resume") from e
+            if run.cfg.keep_last:
+                prune_checkpoints(path, run.cfg.keep_last)
+        rank_0_first(write, run.dist, TrainError(f"rank 0 could not write {path} (see its error)"))
     if run.spike_guard is not None:  # every rank knows where a rewind goes
         run.spike_guard.checkpoint = path
     return path if run.dist.master else None
@@ -1191,7 +1207,7 @@ def restore_run(run: Run, ckpt: dict, weights: bool = False) -> None:
     if run.scaler is not None and ckpt.get("scaler"):  # the loss scale a float16 run had reached
         run.scaler.load_state_dict(ckpt["scaler"])
     run.train_loader.load_state_dict(ckpt["loader"])
-    run.start_step, run.val_loss = ckpt["step"] + 1, ckpt["val_loss"]
+    run.start_step, run.val_loss = first_step(ckpt), ckpt["val_loss"]
     rng = ckpt["rng"][run.dist.rank]  # one state per rank: the world size was checked
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and run.dist.device_type == "cuda":
@@ -1244,7 +1260,7 @@ def open_resume(cfg: TrainConfig, dist: Dist) -> tuple[dict | None, Path | None]
     ckpt, path = find_resume(cfg)
     if ckpt is not None:
         check_resumable(cfg, ckpt, path, dist.world_size)
-    check_progress(cfg, ckpt["step"] + 1 if ckpt is not None else 0, path)
+    check_progress(cfg, first_step(ckpt), path)
     return ckpt, path
 
 
@@ -1299,11 +1315,10 @@ def check_progress(cfg: TrainConfig, start_step: int, path: Path | None) -> None
     step, a bad batch) and would fail this one alike. NoProgress ends the crash loop. One retry from each
     checkpoint stays: a single kill -9 before the first checkpoint costs one restart, not the job. Every rank
     reads the file before rank 0 adds this attempt's line, so every rank decides alike."""
-    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    this_job, restart, _ = torchrun_attempt()
     attempts = Path(cfg.log_dir) / ATTEMPTS_FILE
     if restart < 2 or not attempts.is_file():
         return
-    this_job = os.environ.get("TORCHELASTIC_RUN_ID")
     starts = [int(row[2]) for row in map(str.split, attempts.read_text().splitlines())
               if len(row) == 3 and row[0] == this_job and int(row[1]) >= 1]  # restarts, not the first launch
     if starts and starts[-1] == start_step:
@@ -1317,9 +1332,9 @@ def record_attempt(cfg: TrainConfig, dist: Dist, start_step: int) -> None:
     """Under torchrun --max-restarts, rank 0 appends where this attempt starts to restarts.txt (never truncated,
     unlike log.txt) once every rank has read it: before the model and the data, so that an attempt failing in
     their set-up counts too."""
-    if dist.master and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
+    job, restart, max_restarts = torchrun_attempt()
+    if dist.master and max_restarts > 0:
         Path(cfg.log_dir).mkdir(parents=True, exist_ok=True)
-        job, restart = os.environ.get("TORCHELASTIC_RUN_ID"), os.environ["TORCHELASTIC_RESTART_COUNT"]
         with open(Path(cfg.log_dir) / ATTEMPTS_FILE, "a") as f:
             f.write(f"{job} {restart} {start_step}\n")
 
@@ -1481,8 +1496,7 @@ def setup(cfg: TrainConfig, dist: Dist) -> Run:
     autocast_dtype = setup_precision(cfg.dtype, dist.device_type)
     others = lambda what: TrainError(f"another rank could not {what} (see its error)")
     ckpt, ckpt_path = on_every_rank(lambda: open_resume(cfg, dist), dist, others("read the checkpoint"))
-    on_every_rank(lambda: record_attempt(cfg, dist, ckpt["step"] + 1 if ckpt is not None else 0), dist,
-                  others("write its restarts.txt"))
+    on_every_rank(lambda: record_attempt(cfg, dist, first_step(ckpt)), dist, others("write its restarts.txt"))
     raw_model = on_every_rank(lambda: build_model(cfg, ckpt), dist, others("build the model"))
     need_eval = cfg.eval_interval > 0
     train_loader, val_loader = open_data(cfg, dist, need_eval, raw_model.config.vocab_size)
@@ -1498,8 +1512,9 @@ def setup(cfg: TrainConfig, dist: Dist) -> Run:
         restore_run(run, ckpt)
         del ckpt  # every rank holds it in host memory: model + Adam state, 1.5 GB at 124M, 18 GB for gpt2-xl
     run.metrics = on_every_rank(lambda: Metrics(cfg, dist, run.start_step), dist, others("open its log"))
-    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:  # where each attempt starts (also in restarts.txt)
-        run.metrics.log(run.start_step, restart=int(os.environ["TORCHELASTIC_RESTART_COUNT"]))
+    _, restart, max_restarts = torchrun_attempt()
+    if max_restarts > 0:  # where each attempt starts (also in restarts.txt)
+        run.metrics.log(run.start_step, restart=restart)
     if ckpt_path is not None:
         run.metrics.print(f"resuming from {ckpt_path} at step {run.start_step}")
     run.metrics.print(f"{raw_model.num_parameters():,} parameters | {dist.world_size} rank(s) on {dist.device} | "
@@ -1580,7 +1595,7 @@ class StopSignal:
 
     def __init__(self, checkpoint_minutes: float = 0):
         self.requested = False
-        self.second_stops = "TORCHELASTIC_RUN_ID" not in os.environ  # set by torchrun for its workers
+        self.second_stops = torchrun_attempt()[0] is None  # not a torchrun worker
         self.checkpoint_seconds, self.last_checkpoint = 60 * checkpoint_minutes, time.monotonic()
         self._previous = {}
 
@@ -1748,10 +1763,9 @@ def rewind(run: Run, step: int, loss: float, why: str) -> int:
         raise TrainingDiverged(f"loss {loss:.4f} at step {step} is a spike after {guard.rewinds} rewind(s) "
                                f"(--max-rewinds {cfg.max_rewinds}): stopping; its last checkpoint {path} is untouched")
     data_after, rewinds = run.train_loader.state_dict(), guard.rewinds + 1
-    set_collective_timeout(PROCESS_GROUP_TIMEOUT_MINUTES * 60)  # every rank reads all of it: a big file, a slow disk
-    ckpt = on_every_rank(lambda: load_checkpoint(path), run.dist,
-                         TrainError(f"another rank could not read {path} to rewind to (see its error)"))
-    set_collective_timeout(cfg.dist_timeout)
+    with patient_collectives(cfg):  # every rank reads all of it
+        ckpt = on_every_rank(lambda: load_checkpoint(path), run.dist,
+                             TrainError(f"another rank could not read {path} to rewind to (see its error)"))
     restore_run(run, ckpt, weights=True)
     del ckpt
     run.train_loader.load_state_dict(data_after)  # the batches of steps c+1..step: skipped
@@ -2028,7 +2042,7 @@ def end_torchrun(agent: int) -> None:
     it does not handle carries a status of ours, SIGUSR2, which kills it (128 + 12 = 140 on Linux, a shell's $?).
     Every rank sends it before exiting, so torchrun dies before it sees a worker exit and restarts one; once it
     is gone (our parent, `agent` at start-up, is no longer), the others send nothing."""
-    if "TORCHELASTIC_RUN_ID" in os.environ and os.getppid() == agent:  # set by torchrun for its workers
+    if torchrun_attempt()[0] is not None and os.getppid() == agent:  # a torchrun worker whose agent still lives
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(agent, signal.SIGUSR2)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import REPO, tiny_args, write_shards
+from test_train import REPO, assert_same_state, final_state, log_lines, tiny_args, write_shards
 
 import gpt2
 import train_gpt2 as tg
@@ -161,24 +161,14 @@ def torchrun_job(args: list[str], faults: str = "", restarts: int = 0, timeout: 
     return subprocess.CompletedProcess(cmd, job.returncode, stdout, stderr)
 
 
-def logged(log_dir: Path, name: str) -> list[tuple[int, float]]:
-    """log.txt's lines of one metric in the order written: a step a restart ran again appears again."""
-    rows = [ln.split() for ln in (log_dir / "log.txt").read_text().splitlines()]
-    return [(int(s), float(v)) for s, n, v in rows if n == name]
-
-
 def assert_same_as_uninterrupted(log_dir: Path, straight: Path) -> None:
     """Every train and val line (those a restart wrote again too) equals the uninterrupted run's at its step,
     every step is there, and the last checkpoint's weights and AdamW state are the same tensors."""
     for name in ("train", "val"):
-        want = dict(logged(straight, name))
-        got = logged(log_dir, name)
+        want = dict(log_lines(straight, name))
+        got = log_lines(log_dir, name)
         assert {s for s, _ in got} == set(want) and all(v == want[s] for s, v in got), (name, got, want)
-    a, b = (torch.load(tg.latest_checkpoint(d), weights_only=True) for d in (log_dir, straight))
-    assert a["step"] == b["step"]
-    assert all(torch.equal(a["model"][k], w) for k, w in b["model"].items())
-    for i, state in b["optimizer"]["state"].items():
-        assert all(torch.equal(a["optimizer"]["state"][i][k], v) for k, v in state.items()), i
+    assert_same_state(final_state(log_dir), final_state(straight))
 
 
 def steps_logged(log_dir: Path) -> set[int]:
@@ -189,7 +179,7 @@ def steps_logged(log_dir: Path) -> set[int]:
 
 
 def restarts_logged(log_dir: Path) -> list[tuple[int, int]]:
-    return [(s, int(v)) for s, v in logged(log_dir, "restart")]
+    return [(s, int(v)) for s, v in log_lines(log_dir, "restart")]
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_train import REPO, VOCAB, assert_same_parameters, assert_same_run, final_state, run, tiny_args, torchrun
+from test_train import (
+    REPO,
+    VOCAB,
+    assert_same_parameters,
+    assert_same_run,
+    final_state,
+    log_lines,
+    run,
+    tiny_args,
+    torchrun,
+)
 
 import train_gpt2 as tg
 
@@ -40,12 +50,6 @@ GUARD = ["--spike-guard", "--spike-window", "4"]  # the default threshold (8 rob
 
 def args(data: Path, log_dir: Path, *extra: str, steps: int = 12) -> list[str]:
     return tiny_args(data, log_dir, "--checkpoint-interval", "3", *extra, steps=steps)
-
-
-def log_lines(log_dir: Path, name: str) -> list[tuple[int, float]]:
-    """log.txt's lines of one metric, in the order written (a rewound step appears again)."""
-    rows = [line.split() for line in (log_dir / "log.txt").read_text().splitlines()]
-    return [(int(step), float(value)) for step, n, value in rows if n == name]
 
 
 @pytest.fixture(scope="module")

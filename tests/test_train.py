@@ -185,14 +185,24 @@ def final_state(log_dir: Path) -> dict:
     return checkpoint_tensors(tg.latest_checkpoint(log_dir))
 
 
-def assert_same_run(a: Path, b: Path) -> None:
-    sa, sb = final_state(a), final_state(b)
+def log_lines(log_dir: Path, name: str) -> list[tuple[int, float]]:
+    """log.txt's lines of one metric, in the order written (a rewound or restarted step appears again)."""
+    rows = [line.split() for line in (log_dir / "log.txt").read_text().splitlines()]
+    return [(int(step), float(value)) for step, n, value in rows if n == name]
+
+
+def assert_same_state(sa: dict, sb: dict) -> None:
+    """Two checkpoints of the same step with the same weights and optimizer state, tensor for tensor."""
     assert sa["step"] == sb["step"]
     for name, p in sa["model"].items():
         assert torch.equal(p, sb["model"][name]), f"{name} differs after resume"
     for k, st in sa["optimizer"]["state"].items():
         for key, v in st.items():
             assert torch.equal(v, sb["optimizer"]["state"][k][key])
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    assert_same_state(final_state(a), final_state(b))
     lines = lambda d: [ln for ln in (d / "log.txt").read_text().splitlines() if ln.split()[1] in ("train", "val")]
     assert lines(a) == lines(b)
 
