@@ -46,25 +46,24 @@ from pathlib import Path
 
 import torch
 
-from gpt2 import (
+from gpt2 import EOT_TOKEN, KVCache
+from hellaswag import _logits, row_losses
+from support.checkpoints import is_checkpoint
+from support.distributed import (
     DTYPES,
-    EOT_TOKEN,
     Dist,
-    KVCache,
-    add_dataclass_flags,
     all_reduce_or_raise,
-    atomic_write,
-    get_tokenizer,
-    is_checkpoint,
-    load_model,
     on_every_rank,
-    one_line,
     rank_0_first,
     setup_distributed,
     setup_precision,
     teardown_distributed,
 )
-from hellaswag import _logits, row_losses
+from support.errors import one_line
+from support.files import atomic_write
+from support.flags import add_dataclass_flags
+from support.hf import load_model
+from support.tokenizer import get_tokenizer
 
 try:  # a dev/optional dependency: training never needs it; main() says how to install it
     from lm_eval.api.model import TemplateLM
@@ -152,7 +151,7 @@ class GPTLM(TemplateLM):
         self._rank, self._world_size = self.dist.rank, self.dist.world_size
         self._device = torch.device(self.dist.device)
         self.block_size = model.config.block_size
-        self.vocab = model.default_export_vocab()  # GPT-2's real tokens, as the export keeps them
+        self.vocab = model.real_vocab_size()  # GPT-2's real tokens, as the export keeps them
         self.batch_size = batch_size or (64 if self._device.type == "cuda" else 8)
         self.autocast_dtype = autocast_dtype
         self.progress = progress and self.dist.master

@@ -42,20 +42,20 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from gpt2 import (
+from support.distributed import (
     DTYPES,
     Dist,
-    add_dataclass_flags,
     all_reduce_or_raise,
-    download,
-    get_tokenizer,
-    load_model,
-    one_line,
     rank_0_first,
     setup_distributed,
     setup_precision,
     teardown_distributed,
 )
+from support.errors import one_line
+from support.files import download
+from support.flags import add_dataclass_flags
+from support.hf import load_model
+from support.tokenizer import get_tokenizer
 
 # -----------------------------------------------------------------------------
 # Data: download once into the cache, then validate every line (a bad line must fail loudly, with

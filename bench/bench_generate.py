@@ -22,7 +22,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.machine import device_name  # noqa: E402
-from gpt2 import GPT, GPTConfig, get_tokenizer, load_model  # noqa: E402
+from gpt2 import GPT, GPTConfig
+from support.hf import load_model  # noqa: E402
+from support.tokenizer import get_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

@@ -33,7 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 import hellaswag as hs  # noqa: E402
 from bench.machine import device_name  # noqa: E402
-from gpt2 import GPT, GPTConfig, get_tokenizer, load_model, resolve_device, setup_precision  # noqa: E402
+from gpt2 import GPT, GPTConfig
+from support.distributed import resolve_device, setup_precision  # noqa: E402
+from support.hf import load_model
+from support.tokenizer import get_tokenizer
 
 # -----------------------------------------------------------------------------
 # Synthetic HellaSwag-shaped examples (random words: only the lengths matter for speed)

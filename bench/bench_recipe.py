@@ -48,6 +48,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 import gpt2  # noqa: E402
 import train_gpt2 as tg  # noqa: E402
 from bench.machine import device_name  # noqa: E402
+from support.distributed import resolve_device
+from support.flags import as_flag
+from support.recipes import recipe_values
 
 # The recipes compared, as train_gpt2.py flags over --preset. --ablate adds the GPT-2 recipe plus each single
 # change of the modern one: the named fields of the modern recipe, at its values for the preset.
@@ -71,11 +74,11 @@ SINGLE_CHANGES = {
 def single_change_flags(name: str, preset: str | None) -> list[str]:
     """The GPT-2 recipe plus one change at the modern recipe's values for the preset; where the preset's recipe
     leaves that change out (the quick start's has no softcap), at the recipe's general values."""
-    values = tg.recipe_values("modern", preset)
+    values = recipe_values("modern", preset)
     gpt2_values = {**dataclasses.asdict(tg.TrainConfig()), **dataclasses.asdict(gpt2.ModelOptions())}
     if all(values[k] == gpt2_values[k] for k in SINGLE_CHANGES[name]):
-        values = tg.recipe_values("modern", None)
-    return ["--recipe", "gpt2", *(w for k in SINGLE_CHANGES[name] for w in tg.as_flag(k, values[k]).split())]
+        values = recipe_values("modern", None)
+    return ["--recipe", "gpt2", *(w for k in SINGLE_CHANGES[name] for w in as_flag(k, values[k]).split())]
 
 
 def worker(result: str, train_args: list[str], threads: int) -> None:
@@ -198,7 +201,7 @@ def plan_runs(args, extra: list[str]) -> tuple[list[tuple[str, int, list[str]]],
 
 def header(cfg: tg.TrainConfig, seeds: list[int], threads: int) -> str:
     torch.set_num_threads(threads)
-    return (f"{device_name(gpt2.resolve_device(cfg.device))} | torch {torch.__version__} | "
+    return (f"{device_name(resolve_device(cfg.device))} | torch {torch.__version__} | "
             f"{datetime.date.today()} | --preset {cfg.preset}, data {cfg.data}, {cfg.max_steps} steps of "
             f"{cfg.total_batch_size:,} tokens | seeds {', '.join(map(str, seeds))}")
 

@@ -51,9 +51,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: the modules live one level up
 
-import gpt2  # noqa: E402
 import train_gpt2 as tg  # noqa: E402
 from bench.machine import device_name  # noqa: E402
+from support.distributed import DTYPES, resolve_device
+from support.metrics import peak_memory_gib
+from support.recipes import RECIPES, SHARDS
 
 
 class _Done(Exception):
@@ -111,7 +113,7 @@ def run_config(train_args: list[str], warmup: int, steps: int, cuda: bool) -> di
     tok_s = cfg.micro_batch_size * cfg.seq_len / step_s
     dt0, _, mfu0 = timed[0]
     mfu = mfu0 * dt0 / step_s if mfu0 is not None else None  # MFU is inversely proportional to the step time
-    peak = tg.peak_memory_gib("cuda" if cuda else "cpu")  # the current GPU's (each rank's own), or the peak RSS
+    peak = peak_memory_gib("cuda" if cuda else "cpu")  # the current GPU's (each rank's own), or the peak RSS
     return {"oom": False, "ms": 1000 * step_s, "tok_s": tok_s, "mfu": mfu, "peak_gib": peak}
 
 
@@ -119,7 +121,7 @@ def worker(result: str, train_args: list[str], warmup: int, steps: int) -> None:
     """One configuration, in this process (one of torchrun's ranks, or alone): its result as JSON in
     result.RANK."""
     cfg = tg.parse_train_args(train_args)
-    cuda = gpt2.resolve_device(cfg.device).startswith("cuda")
+    cuda = resolve_device(cfg.device).startswith("cuda")
     r = run_config(train_args, warmup, steps, cuda)
     Path(f"{result}.{os.environ.get('RANK', '0')}").write_text(json.dumps(r))
 
@@ -151,13 +153,13 @@ def sweep(args, train_flags: list[str]) -> list[tuple]:
     recipes = split(args.recipes) if args.recipes else [tg.parse_train_args(train_flags).recipe]
     loss_chunks = sorted({int(c) for c in split(args.loss_chunks)})  # 0 first: the baseline of the others
     bad = [f"--compile {c}" for c in compile_modes + acs if c not in ("on", "off")]
-    bad += [f"--shards {s}" for s in shards if s not in tg.SHARDS] + [f"--dtypes {d}" for d in dtypes
-                                                                      if d not in gpt2.DTYPES]
-    bad += [f"--recipes {r}" for r in recipes if r not in tg.RECIPES]
+    bad += [f"--shards {s}" for s in shards if s not in SHARDS] + [f"--dtypes {d}" for d in dtypes
+                                                                      if d not in DTYPES]
+    bad += [f"--recipes {r}" for r in recipes if r not in RECIPES]
     if bad or min(batch_sizes) < 1 or min(loss_chunks) < 0 or args.steps < 1:
         raise ValueError(f"{', '.join(bad) or 'a number'} not understood: --compile and --activation-checkpointing "
                          "take on/off, --shards ddp/fsdp, --dtypes auto/bfloat16/float16/float32, --recipes "
-                         f"{'/'.join(tg.RECIPES)}, --micro-batch-sizes positive integers, --loss-chunks integers >= 0, "
+                         f"{'/'.join(RECIPES)}, --micro-batch-sizes positive integers, --loss-chunks integers >= 0, "
                          "--steps at least 1")
     if "fsdp" in shards and args.nproc < 2:
         raise ValueError("--shards fsdp needs --nproc 2 or more (the model is split over the ranks)")
@@ -190,7 +192,7 @@ def main(argv=None) -> None:
         p.error(str(e))
     base = tg.parse_train_args(train_flags)  # the train flags, checked once up front
     T = base.seq_len
-    device = gpt2.resolve_device(base.device, args.nproc)
+    device = resolve_device(base.device, args.nproc)
     cuda = device.startswith("cuda")
 
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:

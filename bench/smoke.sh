@@ -11,7 +11,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
-DEVICE=$($PY -c "import sys, gpt2; print(gpt2.resolve_device(sys.argv[1]))" "${1:-auto}") || exit 2
+DEVICE=$($PY -c "import sys; from support.distributed import resolve_device; print(resolve_device(sys.argv[1]))" \
+    "${1:-auto}") || exit 2
 if [[ ${1:-auto} == auto && $DEVICE != cuda* ]] && nvidia-smi -L 2>/dev/null | grep -q GPU; then
     echo "smoke: nvidia-smi sees a GPU but this torch does not (a CPU build?): fix it, or run 'bash bench/smoke.sh cpu'"
     exit 2

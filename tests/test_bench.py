@@ -13,6 +13,7 @@ import torch
 import gpt2
 import train_gpt2
 from bench import bench_fineweb, bench_generate, bench_hellaswag, bench_recipe, bench_train
+from support.checkpoints import save_checkpoint
 
 
 def test_bench_hellaswag_breakdown(capsys):
@@ -30,7 +31,7 @@ def test_bench_generate_same_tokens(tmp_path, capsys):
     torch.manual_seed(0)
     model = gpt2.GPT(gpt2.GPTConfig(block_size=64, vocab_size=50304, n_layer=2, n_head=2, n_embd=32))
     ckpt = tmp_path / "model_00001.pt"
-    gpt2.save_checkpoint(ckpt, {"model": model.state_dict(), "config": dataclasses.asdict(model.config), "step": 1})
+    save_checkpoint(ckpt, {"model": model.state_dict(), "config": dataclasses.asdict(model.config), "step": 1})
     bench_generate.main(["-m", str(ckpt), "--device", "cpu", "--max-new-tokens", "12", "--repeats", "1"])
     out = capsys.readouterr().out
     assert "same tokens both ways: yes" in out and re.search(r"speed-up: [\d.]+x", out), out

@@ -8,6 +8,9 @@ from transformers import GPT2LMHeadModel
 
 import gpt2
 import train_gpt2 as tg
+from support.checkpoints import save_checkpoint
+from support.sampling import SampleConfig, sample_text
+from support.tokenizer import get_tokenizer
 
 
 @pytest.fixture
@@ -15,7 +18,7 @@ def checkpoint(tmp_path):
     torch.manual_seed(0)
     model = gpt2.GPT(gpt2.GPTConfig(block_size=64, vocab_size=50304, n_layer=2, n_head=2, n_embd=32))
     path = tmp_path / "model_00007.pt"
-    gpt2.save_checkpoint(path, {"model": model.state_dict(), "config": dataclasses.asdict(model.config), "step": 7})
+    save_checkpoint(path, {"model": model.state_dict(), "config": dataclasses.asdict(model.config), "step": 7})
     return model.eval(), path
 
 
@@ -27,7 +30,7 @@ def test_sample_command_is_seeded_and_matches_sample_text(checkpoint, capsys):
     first = capsys.readouterr().out.splitlines()
     tg.main(args)
     assert capsys.readouterr().out.splitlines() == first  # the same seed, the same text
-    expected = gpt2.sample_text(model, gpt2.SampleConfig("Hello", 3, 10), seed=5)
+    expected = sample_text(model, SampleConfig("Hello", 3, 10), seed=5)
     assert first == [f"sample {i}: {t}" for i, t in enumerate(expected)]
 
 
@@ -69,7 +72,7 @@ def test_exported_folder_has_gpt2s_tokenizer_offline(checkpoint, tmp_path):
     model, path = checkpoint
     tg.main(["export", str(path), str(tmp_path / "hf")])
     tok = AutoTokenizer.from_pretrained(tmp_path / "hf")  # from the folder alone: no Hub here
-    enc = gpt2.get_tokenizer()
+    enc = get_tokenizer()
     for text in [*TRICKY, "text <|endoftext|> more"]:
         assert tok(text)["input_ids"] == enc.encode(text, allowed_special={"<|endoftext|>"}), repr(text)
         assert tok.decode(enc.encode_ordinary(text)) == text
@@ -77,5 +80,5 @@ def test_exported_folder_has_gpt2s_tokenizer_offline(checkpoint, tmp_path):
     # a transformers pipeline on the folder continues a prompt as our greedy decoding does
     generate = pipeline("text-generation", model=str(tmp_path / "hf"), device="cpu")
     theirs = generate("Hello", max_new_tokens=10, do_sample=False)[0]["generated_text"]
-    ours = gpt2.sample_text(model, gpt2.SampleConfig("Hello", num_samples=1, max_new_tokens=10, temperature=0))[0]
+    ours = sample_text(model, SampleConfig("Hello", num_samples=1, max_new_tokens=10, temperature=0))[0]
     assert theirs == ours

@@ -21,7 +21,10 @@ import torch
 pytest.importorskip("lm_eval")  # a dev requirement (requirements-dev.txt): training does not need it
 
 import eval_suite as es  # noqa: E402
-from gpt2 import GPT, GPTConfig, get_tokenizer, save_checkpoint  # noqa: E402
+from gpt2 import GPT, GPTConfig
+from support.checkpoints import save_checkpoint  # noqa: E402
+from support.hf import save_pretrained
+from support.tokenizer import get_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -174,7 +177,7 @@ def setup(tmp_path_factory, offline):
     model = teach(tiny_gpt(), LESSONS)
     ckpt = root / "model_00000.pt"
     save_checkpoint(ckpt, {"model": model.state_dict(), "config": dataclasses.asdict(model.config), "step": 0})
-    model.save_pretrained(root / "hf")
+    save_pretrained(model, root / "hf")
     return ckpt, root / "hf", write_tasks(root / "tasks")
 
 
@@ -373,7 +376,8 @@ def test_torchrun_two_ranks_equal_one_process(setup, ours, tmp_path):
 RANKS_SCRIPT = """
 import sys, torch
 import eval_suite as es
-from gpt2 import GPT, GPTConfig, setup_distributed, teardown_distributed
+from gpt2 import GPT, GPTConfig
+from support.distributed import setup_distributed, teardown_distributed
 
 dist = setup_distributed("cpu")
 out = open(f"{sys.argv[2]}.{dist.rank}", "w")  # a file per rank: two ranks' lines on one pipe can interleave

@@ -1,7 +1,7 @@
 """Faults a long run meets, each through the real command line (`python train_gpt2.py ...`, or `torchrun
 --standalone --max-restarts=N train_gpt2.py ... --resume auto` with 2 Gloo ranks): damaged checkpoints, ranks
 killed (one while writing a checkpoint), a hung rank, preemption, a full disk, a crash loop, --keep-last and
---checkpoint-minutes. Faults are injected through the GPT2_FAULTS environment variable (train_gpt2.fault).
+--checkpoint-minutes. Faults are injected through the GPT2_FAULTS environment variable (fault).
 
 torch.save's zip stores a CRC-32 of every record (the pickle, each tensor's bytes) that torch.load never reads, so
 a flipped byte inside a tensor loaded silently; every checkpoint is now verified before it is used.
@@ -21,8 +21,12 @@ import pytest
 import torch
 from test_train import REPO, assert_same_state, final_state, log_lines, tiny_args, write_shards
 
-import gpt2
+import support.checkpoints
 import train_gpt2 as tg
+from support.checkpoints import CheckpointDamaged, check_checkpoint_bytes, checkpoint_step, load_checkpoint
+from support.distributed import torchrun_store
+from support.faults import FAULTS_ENV
+from support.long_runs import ATTEMPTS_FILE, NO_PROGRESS_EXIT
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +39,7 @@ def stopped_run(tmp_path_factory):
                                    steps=9)
     cli(args("straight"))
     cli(args("stopped", "--stop-after-step", "5"))
-    assert [p.name for p in tg.checkpoints(root / "stopped")] == ["model_00003.pt", "model_00005.pt"]
+    assert [p.name for p in support.checkpoints.checkpoints(root / "stopped")] == ["model_00003.pt", "model_00005.pt"]
     return root, args
 
 
@@ -66,11 +70,11 @@ def test_a_flipped_byte_in_a_tensor_is_found(stopped_run):
     root, _ = stopped_run
     path = copy_run(root, "flipped") / "model_00005.pt"
     assert torch.load(path, weights_only=True)["step"] == 5  # what torch.load alone says: nothing
-    gpt2.check_checkpoint_bytes(path)
+    check_checkpoint_bytes(path)
     flip_byte(path)
     torch.load(path, weights_only=True)  # still loads, silently, with one weight changed
-    with pytest.raises(gpt2.CheckpointDamaged, match=r"checkpoint .*model_00005\.pt is damaged \(BadZipFile: Bad CRC"):
-        gpt2.load_checkpoint(path)
+    with pytest.raises(CheckpointDamaged, match=r"checkpoint .*model_00005\.pt is damaged \(BadZipFile: Bad CRC"):
+        load_checkpoint(path)
 
 
 def test_resume_falls_back_past_a_damaged_newest_checkpoint(stopped_run):
@@ -130,14 +134,14 @@ def test_keep_last_deletes_old_checkpoints_only_once_the_new_one_is_in_place(sto
     root, args = stopped_run
     folder = copy_run(root, "keep")  # checkpoints 3 and 5; the run then writes 6 and 8
     cli(args("keep", "--resume", "--keep-last", "2"))
-    assert [p.name for p in tg.checkpoints(folder)] == ["model_00006.pt", "model_00008.pt"]
+    assert [p.name for p in support.checkpoints.checkpoints(folder)] == ["model_00006.pt", "model_00008.pt"]
     out = cli(args("keep1", "--keep-last", "1"), check=False)
     assert out.returncode != 0 and "--keep-last 1: keep 2 or more" in out.stderr.strip().splitlines()[-1]
-    assert not (root / "keep1").exists() or not tg.checkpoints(root / "keep1")
+    assert not (root / "keep1").exists() or not support.checkpoints.checkpoints(root / "keep1")
 
 
 # -----------------------------------------------------------------------------
-# Under torchrun: 2 Gloo ranks, faults injected through GPT2_FAULTS (train_gpt2.fault), the documented long-run
+# Under torchrun: 2 Gloo ranks, faults injected through GPT2_FAULTS (fault), the documented long-run
 # command `torchrun --standalone --max-restarts=N train_gpt2.py ... --resume auto`.
 
 
@@ -147,7 +151,7 @@ def torchrun_job(args: list[str], faults: str = "", restarts: int = 0, timeout: 
     arguments (stdout=...), the running torchrun process instead of its result."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            f"--max-restarts={restarts}", "train_gpt2.py", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", tg.FAULTS_ENV: faults}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", FAULTS_ENV: faults}
     job = subprocess.Popen(cmd, cwd=REPO, env=env, text=True, start_new_session=True,
                            **(popen or dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE)))
     if popen:
@@ -197,7 +201,7 @@ def test_killed_ranks_restart_and_finish_as_if_never_killed(ranks2):
     """kill -9 of rank 0 while it writes checkpoint 3 (before any checkpoint exists), then of rank 1 at step 5 of
     the restart; each restarted rank 1 (then rank 0) reaches the process group 3 s late, so that its peer reads
     the group's keys first: in torchrun's shared store those were the killed attempt's, and Gloo connected to a
-    dead address and hung (fixed by gpt2.torchrun_store). --max-restarts=2 --resume auto: exit 0, the same run."""
+    dead address and hung (fixed by torchrun_store). --max-restarts=2 --resume auto: exit 0, the same run."""
     root, args = ranks2
     faults = "kill-in-save@3:0:0,kill@5:1:1,late@start:1:1,late@start:0:2"
     out = torchrun_job(args("killed", "--resume", "auto"), faults, restarts=2)  # a hang: fails at 240 s
@@ -249,9 +253,9 @@ def test_sigterm_to_torchrun_checkpoints_at_once_then_resumes_bitwise(ranks2):
         with contextlib.suppress(ProcessLookupError):  # what is left of the job, if anything
             os.killpg(job.pid, signal.SIGKILL)
     assert time.monotonic() - t0 < 30, stderr[-3000:]
-    stopped = [p for p in tg.checkpoints(log_dir) if tg.checkpoint_step(p) != 3]  # step 5, or later under load
-    assert len(stopped) == 1 and f"stopped after step {tg.checkpoint_step(stopped[0])}" in stdout, stdout + stderr
-    assert 5 <= tg.checkpoint_step(stopped[0]) < 8
+    stopped = [p for p in support.checkpoints.checkpoints(log_dir) if checkpoint_step(p) != 3]  # 5, or later (load)
+    assert len(stopped) == 1 and f"stopped after step {checkpoint_step(stopped[0])}" in stdout, stdout + stderr
+    assert 5 <= checkpoint_step(stopped[0]) < 8
     out = torchrun_job(args("preempted", "--resume", "auto"))  # the same command line again
     assert out.returncode == 0, out.stderr[-3000:]
     assert_same_as_uninterrupted(log_dir, root / "straight")
@@ -266,7 +270,7 @@ def test_a_full_disk_stops_every_rank_and_the_previous_checkpoint_resumes(ranks2
     assert len(errors) == 2, out.stderr[-3000:]  # both ranks, one line each
     assert any(f"could not write {log_dir / 'model_00006.pt'}" in e and "No space left on device" in e
                for e in errors), errors
-    assert [p.name for p in tg.checkpoints(log_dir)] == ["model_00003.pt"]
+    assert [p.name for p in support.checkpoints.checkpoints(log_dir)] == ["model_00003.pt"]
     assert not list(log_dir.glob(".*.tmp*"))
     out = torchrun_job(args("full", "--resume"))
     assert out.returncode == 0, out.stderr[-3000:]
@@ -280,21 +284,21 @@ def test_a_deterministic_crash_ends_the_restart_loop_with_its_own_exit_code(rank
     out = torchrun_job(args("loop", "--resume", "auto"), "nan@5", restarts=5)
     assert out.returncode == -signal.SIGUSR2, (out.returncode, out.stderr[-3000:])  # a shell's $? is 140
     assert restarts_logged(root / "loop") == [(0, 0), (4, 1)]  # attempt 2 stopped before it logged a start
-    assert [ln.split()[1:] for ln in (root / "loop" / tg.ATTEMPTS_FILE).read_text().splitlines()] == [
+    assert [ln.split()[1:] for ln in (root / "loop" / ATTEMPTS_FILE).read_text().splitlines()] == [
         ["0", "0"], ["1", "4"]]
     reasons = [ln for ln in out.stderr.splitlines() if "stopping this crash loop" in ln]
     assert reasons and "torchrun restart 2 would start from" in reasons[0] and "model_00003.pt" in reasons[0]
     assert out.stderr.count("loss is nan at step 5") >= 2
-    assert 128 + signal.SIGUSR2 == tg.NO_PROGRESS_EXIT == 140
+    assert 128 + signal.SIGUSR2 == NO_PROGRESS_EXIT == 140
 
 
 def test_checkpoint_minutes_also_checkpoints_when_the_time_has_passed(tmp_path, monkeypatch):
     """--checkpoint-minutes 0.02 (1.2 s), no periodic checkpoints: step 4 sleeps 3 s, so its checkpoint is due."""
     shards = write_shards(tmp_path / "shards")
-    monkeypatch.setenv(tg.FAULTS_ENV, "late@4")
+    monkeypatch.setenv(FAULTS_ENV, "late@4")
     args = tiny_args(shards, tmp_path / "r", "--checkpoint-interval", "0", "--checkpoint-minutes", "0.02", steps=9)
     history = tg.train(tg.parse_train_args(args))
-    steps = [tg.checkpoint_step(Path(p)) for p in history["checkpoints"]]
+    steps = [checkpoint_step(Path(p)) for p in history["checkpoints"]]
     assert 4 in steps and steps[-1] == 8, steps  # (under load, 0..3 may take 1.2 s too: one more)
 
 
@@ -313,6 +317,6 @@ def test_restarts_over_several_nodes_need_a_fresh_store_per_attempt(monkeypatch)
     for k, v in dict(TORCHELASTIC_USE_AGENT_STORE="True", GROUP_WORLD_SIZE="2", TORCHELASTIC_MAX_RESTARTS="3").items():
         monkeypatch.setenv(k, v)
     with pytest.raises(ValueError, match="export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"):
-        gpt2.torchrun_store(4, None)
+        torchrun_store(4, None)
     monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # what that variable makes torchrun say
-    assert gpt2.torchrun_store(4, None) is None
+    assert torchrun_store(4, None) is None

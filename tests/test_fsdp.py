@@ -29,6 +29,7 @@ from test_train import (
 
 import gpt2
 import train_gpt2 as tg
+from support.distributed import auto_dtype, setup_precision
 
 # -----------------------------------------------------------------------------
 # --shard fsdp: one set of 2-rank runs that the tests below compare (each torchrun costs seconds)
@@ -341,9 +342,9 @@ def test_float16_that_overflows_even_unscaled_stops(shards, tmp_path):
 
 
 def test_auto_dtype(monkeypatch):
-    assert gpt2.auto_dtype("cpu") == "float32" and gpt2.setup_precision("auto", "cpu") is None
+    assert auto_dtype("cpu") == "float32" and setup_precision("auto", "cpu") is None
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)  # V100, T4, RTX 20xx
-    assert gpt2.auto_dtype("cuda") == "float16"
+    assert auto_dtype("cuda") == "float16"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    assert gpt2.auto_dtype("cuda") == "bfloat16"
-    assert gpt2.setup_precision("float16", "cpu") is torch.float16
+    assert auto_dtype("cuda") == "bfloat16"
+    assert setup_precision("float16", "cpu") is torch.float16

@@ -18,7 +18,11 @@ import torch
 import torch.nn.functional as F
 
 import hellaswag as hs
-from gpt2 import GPT, Dist, GPTConfig, get_tokenizer, save_checkpoint
+from gpt2 import GPT, GPTConfig
+from support.checkpoints import save_checkpoint
+from support.distributed import Dist
+from support.hf import from_pretrained
+from support.tokenizer import get_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -334,7 +338,7 @@ def test_cli_hf_folder_and_our_checkpoint_agree(tmp_path, data_file, capsys):
     folder = tmp_path / "hf"
     GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=128, n_embd=32, n_layer=2, n_head=2,
                                initializer_range=0.5)).save_pretrained(folder)
-    ckpt = checkpoint(GPT.from_pretrained(str(folder)), tmp_path / "model_00000.pt")
+    ckpt = checkpoint(from_pretrained(str(folder)), tmp_path / "model_00000.pt")
     common = ["-d", "cpu", "--data-file", str(data_file)]
     rc, out_hf, err = run_cli(["-m", str(folder), *common], capsys)
     assert rc == 0, err
@@ -342,7 +346,7 @@ def test_cli_hf_folder_and_our_checkpoint_agree(tmp_path, data_file, capsys):
     assert rc == 0, err
     assert totals(out_hf) == totals(out_pt) and totals(out_hf)[0] == 12
     assert out_hf[-1] == out_pt[-1]
-    model = GPT.from_pretrained(str(folder))
+    model = from_pretrained(str(folder))
     res = hs.evaluate_unbatched(model, EXAMPLES, "cpu")
     assert totals(out_pt) == (res["num_total"], res["num_correct"], res["num_correct_norm"])
     rc, out, _ = run_cli(["-m", str(ckpt), "--limit", "5", *common], capsys)

@@ -1,4 +1,6 @@
-"""Importing a script does nothing: no files, no network, no process group; just a `main` to call.
+"""Importing a script does nothing: no files, no network, no process group; just a `main` to call. The same for
+the model and every supporting module, each imported first (with none of the project's modules loaded before it):
+no import circle, no side effect.
 
 Each module is imported in a fresh interpreter whose working directory is an empty temporary folder,
 with sockets that refuse to connect and Hugging Face set offline.
@@ -16,7 +18,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-MODULES = ["train_gpt2", "fineweb", "hellaswag", "eval_suite"]
+SCRIPTS = ["train_gpt2", "fineweb", "hellaswag", "eval_suite"]  # what a user runs: each has a main()
+LIBRARIES = ["gpt2", "support", *sorted(f"support.{p.stem}" for p in (ROOT / "support").glob("*.py")
+                                       if p.stem != "__init__")]
 SKIP_DIRS = {".git", ".venv", "__pycache__", ".pytest_cache", ".ruff_cache"}
 
 CHILD = textwrap.dedent(
@@ -32,12 +36,19 @@ CHILD = textwrap.dedent(
     sys.path.insert(0, sys.argv[1])
 
     import importlib
-    module = importlib.import_module(sys.argv[2])
+    ours = lambda name: name.split(".")[0] in ("support", "gpt2", "train_gpt2", "fineweb", "hellaswag", "eval_suite")
+    files, mains = [], []
+    for name in sys.argv[2].split(","):  # each first in its interpreter: the project's modules unloaded between
+        for loaded in [m for m in sys.modules if ours(m)]:
+            del sys.modules[loaded]
+        module = importlib.import_module(name)
+        files.append(module.__file__)
+        mains.append(callable(getattr(module, "main", None)))
     import torch.distributed as dist
 
     print(json.dumps({
-        "file": module.__file__,
-        "main_callable": callable(getattr(module, "main", None)),
+        "files": files,
+        "main_callable": all(mains),
         "dist_initialized": dist.is_available() and dist.is_initialized(),
     }))
     """
@@ -59,10 +70,18 @@ def repo_files() -> set[str]:
     return found
 
 
-@pytest.mark.parametrize("name", MODULES)
+def module_file(name: str) -> Path:
+    path = ROOT / Path(*name.split("."))
+    return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+
+
+@pytest.mark.parametrize("name", [*SCRIPTS, ",".join(LIBRARIES)], ids=[*SCRIPTS, "libraries"])
 def test_import_has_no_side_effects(tmp_path, name):
-    if not (ROOT / f"{name}.py").is_file():
-        pytest.fail(f"{name}.py does not exist yet in {ROOT}")
+    """name: a module, or several (comma-separated), each imported first with none of the project's loaded."""
+    names = name.split(",")
+    for n in names:
+        if not module_file(n).is_file():
+            pytest.fail(f"{module_file(n)} does not exist yet in {ROOT}")
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "PYTHONPATH")}
@@ -76,11 +95,22 @@ def test_import_has_no_side_effects(tmp_path, name):
 
     assert proc.returncode == 0, f"importing {name} failed:\n{proc.stderr[-3000:]}"
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert Path(result["file"]).resolve() == (ROOT / f"{name}.py").resolve()  # the repo's, not another copy
-    assert result["main_callable"], f"{name} has no callable main()"
+    assert [Path(f).resolve() for f in result["files"]] == [module_file(n).resolve() for n in names]  # the repo's
+    assert result["main_callable"] or name not in SCRIPTS, f"{name} has no callable main()"
     assert not result["dist_initialized"], f"importing {name} initialized a torch.distributed process group"
     assert list(cwd.iterdir()) == [], f"importing {name} wrote into the working directory: {list(cwd.iterdir())}"
     # only what appeared counts: other people may be editing (or deleting) files in the repo meanwhile
     new_status, new_files = sorted(status_after - status_before), sorted(files_after - files_before)
     assert not new_status, f"importing {name} changed the repo: {new_status}"
     assert not new_files, f"importing {name} created files: {new_files}"
+
+
+def test_every_supporting_module_says_what_it_is_for():
+    """Each supporting module opens with a docstring, and support/__init__.py's map names every one of them."""
+    import importlib
+
+    index = importlib.import_module("support").__doc__
+    for name in LIBRARIES[2:]:
+        module = importlib.import_module(name)
+        assert module.__doc__ and len(module.__doc__.split()) >= 8, f"{name} has no docstring that says what it is for"
+        assert f"{name.split('.')[1]}.py" in index, f"support/__init__.py does not list {name}"

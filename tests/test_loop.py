@@ -24,8 +24,14 @@ from test_train import HELLASWAG_FIXTURE, REPO, rank_log, run, tiny_args, write_
 
 import gpt2
 import train_gpt2 as tg
+from support.checkpoints import model_entries, save_checkpoint
+from support.distributed import Dist, resolve_device
+from support.flags import field_help, flat_fields
+from support.recipes import PRESETS
+from support.sampling import SampleConfig
 
-OUR_MODULES = {"gpt2", "train_gpt2", "hellaswag", "fineweb"}
+SUPPORT_MODULES = {f"support.{p.stem}" for p in (REPO / "support").glob("*.py") if p.stem != "__init__"}
+OUR_MODULES = {"gpt2", "train_gpt2", "hellaswag", "fineweb", "eval_suite", "support", *SUPPORT_MODULES}
 
 
 @pytest.fixture
@@ -61,9 +67,10 @@ def script_env(**extra) -> dict:
 
 
 @pytest.mark.parametrize("command", [
-    ["train_gpt2.py", "--help"], ["train_gpt2.py", "sample", "--help"], ["hellaswag.py", "--help"],
-    ["fineweb.py", "--help"], ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_gpt2.py",
-                               "--help"]])
+    ["train_gpt2.py", "--help"], ["train_gpt2.py", "sample", "--help"], ["train_gpt2.py", "export", "--help"],
+    ["train_gpt2.py", "plan", "--help"], ["hellaswag.py", "--help"], ["fineweb.py", "--help"],
+    ["eval_suite.py", "--help"], ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_gpt2.py",
+                                  "--help"]])
 def test_every_entry_point_loads_each_module_once(command):
     out = subprocess.run([sys.executable, *command], cwd=REPO, env=script_env(PYTHONPROFILEIMPORTTIME="1"),
                          capture_output=True, text=True, timeout=120)
@@ -73,6 +80,8 @@ def test_every_entry_point_loads_each_module_once(command):
     assert counts[script] == 0, f"{script} (run as __main__) was imported again as a module"
     ours = {m: n for m, n in counts.items() if m in OUR_MODULES}
     assert ours and all(n <= (2 if "torch.distributed.run" in command else 1) for n in ours.values()), ours
+    if script == "train_gpt2":  # it imports every supporting module: each of them was counted
+        assert SUPPORT_MODULES <= set(ours), SUPPORT_MODULES - set(ours)
 
 
 SITECUSTOMIZE = """
@@ -118,7 +127,7 @@ def test_in_loop_hellaswag_takes_the_scored_path_when_run_as_a_script(gpt2_shard
 
 def tiny_run(tmp_path, shards, *extra: str) -> tg.Run:
     cfg = tg.parse_train_args(tiny_args(shards, tmp_path / "r", "--eval-interval", "0", *extra, B=2, total=64))
-    return tg.setup(cfg, gpt2.Dist())
+    return tg.setup(cfg, Dist())
 
 
 @pytest.mark.parametrize("loss_chunk", ["0", "16"])
@@ -139,7 +148,7 @@ def test_one_host_sync_per_step(tmp_path, monkeypatch):
     run = tiny_run(tmp_path, write_shards(tmp_path / "shards"))
     assert run.grad_accum == 2
     reads = []
-    ours = {str(REPO / "train_gpt2.py"), str(REPO / "gpt2.py")}
+    ours = {str(REPO / "train_gpt2.py"), str(REPO / "gpt2.py"), *(str(p) for p in (REPO / "support").glob("*.py"))}
     for name in ("item", "tolist", "__float__", "__int__", "__bool__", "numpy", "cpu"):
         original = getattr(torch.Tensor, name)
 
@@ -247,7 +256,7 @@ def test_step_line_shows_progress_and_time_left(tmp_path, capsys):
 
 def test_old_flag_names_still_work(tmp_path):
     cfg = tg.parse_train_args(["--sample-tokens", "7", "--num-samples", "3", "--prompt", "ROMEO:"])
-    assert cfg.sample == gpt2.SampleConfig(prompt="ROMEO:", num_samples=3, max_new_tokens=7)
+    assert cfg.sample == SampleConfig(prompt="ROMEO:", num_samples=3, max_new_tokens=7)
     assert tg.parse_train_args(["--max-new-tokens", "9"]).sample.max_new_tokens == 9
     assert tg.parse_train_args(["--preset", "shakespeare", "--num-samples", "1"]).sample.num_samples == 1
 
@@ -368,9 +377,8 @@ def test_shakespeare_gpt2_preset_fine_tunes_gpt2_exactly(tmp_path):
 
 
 def test_every_preset_value_reaches_the_config():
-    for name, values in tg.PRESETS.items():
-        flat = dataclasses.asdict(tg.parse_train_args(["--preset", name]))
-        flat |= flat.pop("sample")
+    for name, values in PRESETS.items():
+        flat = flat_fields(tg.parse_train_args(["--preset", name]))
         assert {k: flat[k] for k in values} == values, name
 
 
@@ -385,7 +393,7 @@ class Spacing:
 
 
 def test_help_text_is_each_fields_comment_however_it_is_spaced():
-    assert gpt2.field_help(Spacing) == {"tight": "one space before the comment",
+    assert field_help(Spacing) == {"tight": "one space before the comment",
                                          "wide": "many spaces, and a '#' inside the string",
                                          "multi": "a field over two lines"}
 
@@ -393,7 +401,7 @@ def test_help_text_is_each_fields_comment_however_it_is_spaced():
 def test_resuming_a_model_without_run_state_is_an_error(tmp_path, capsys):
     shards = write_shards(tmp_path / "shards")
     model = gpt2.GPT(tg.parse_train_args(tiny_args(shards, tmp_path / "r")).model_config())
-    gpt2.save_checkpoint(tmp_path / "model_00007.pt", gpt2.model_entries(model))  # what --init-from takes
+    save_checkpoint(tmp_path / "model_00007.pt", model_entries(model))  # what --init-from takes
     with pytest.raises(SystemExit) as e:
         tg.main(tiny_args(shards, tmp_path / "r", "--resume", str(tmp_path / "model_00007.pt")))
     assert e.value.code == 2
@@ -416,11 +424,11 @@ def test_samples_longer_than_the_model_are_an_error_before_step_0(gpt2_shards, t
 def test_device_auto_is_decided_in_one_place(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
-    assert gpt2.resolve_device("auto") == "mps"
-    assert gpt2.resolve_device("auto", world_size=2) == "cpu"  # Gloo cannot reduce MPS tensors
-    assert gpt2.resolve_device("cuda:1") == "cuda:1"
+    assert resolve_device("auto") == "mps"
+    assert resolve_device("auto", world_size=2) == "cpu"  # Gloo cannot reduce MPS tensors
+    assert resolve_device("cuda:1") == "cuda:1"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert gpt2.resolve_device("auto", world_size=8) == "cuda"
+    assert resolve_device("auto", world_size=8) == "cuda"
 
 
 def test_a_log_dir_that_is_a_file_is_a_one_line_error(tmp_path, capsys):

@@ -15,7 +15,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # plain `pytest` puts tests/, not the repo root, on sys.path
     sys.path.insert(0, str(ROOT))
 
-from gpt2 import GPT, GPTConfig, KVCache, load_checkpoint, load_model, save_checkpoint  # noqa: E402
+from gpt2 import GPT, GPTConfig, KVCache  # noqa: E402
+from support.checkpoints import load_checkpoint, save_checkpoint  # noqa: E402
+from support.hf import (  # noqa: E402
+    from_hf_model,
+    from_pretrained,
+    load_model,  # noqa: E402
+    save_pretrained,
+)
 
 transformers = pytest.importorskip("transformers")
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
@@ -127,7 +134,7 @@ def test_from_pretrained_matches_hugging_face(tmp_path, n_layer, n_head, n_embd,
     hf = hf_model(n_layer, n_head, n_embd, n_positions, vocab_size)
     hf.save_pretrained(tmp_path / "hf")
     assert (tmp_path / "hf" / "model.safetensors").is_file()
-    model = GPT.from_pretrained(str(tmp_path / "hf")).eval()
+    model = from_pretrained(str(tmp_path / "hf")).eval()
     shutil.rmtree(tmp_path / "hf")  # 500 MB at the 124M shape: pytest keeps its last few tmp folders
     assert model.config == GPTConfig(block_size=n_positions, vocab_size=vocab_size, n_layer=n_layer,
                                      n_head=n_head, n_embd=n_embd)  # GPT-2's architecture: every option off
@@ -208,7 +215,7 @@ def test_unknown_name_is_a_value_error_without_network(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", no_network)
     monkeypatch.setattr(GPT2LMHeadModel, "from_pretrained", no_network)
     with pytest.raises(ValueError, match="gpt3-huge"):
-        GPT.from_pretrained("gpt3-huge")
+        from_pretrained("gpt3-huge")
     with pytest.raises(ValueError, match="gpt3-huge"):
         load_model("gpt3-huge")
 
@@ -217,10 +224,10 @@ def test_unknown_name_is_a_value_error_without_network(monkeypatch):
 def test_non_gpt2_activation_is_a_value_error(tmp_path, activation):
     hf = hf_model(2, 2, 32, 64, 1000, activation_function=activation)
     with pytest.raises(ValueError, match=activation):
-        GPT.from_hf_model(hf)
+        from_hf_model(hf)
     hf.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=activation):
-        GPT.from_pretrained(str(tmp_path))
+        from_pretrained(str(tmp_path))
 
 
 # -- ours -> Hugging Face ----------------------------------------------------------------------------
@@ -237,7 +244,7 @@ def test_save_pretrained_loads_in_hugging_face(tmp_path, config, perturb):
     if perturb:
         perturb_(model)
     out = tmp_path / "export"
-    model.save_pretrained(out)
+    save_pretrained(model, out)
     files = ["config.json", "model.safetensors"] + (["tokenizer.json", "tokenizer_config.json"]
                                                    if config.vocab_size == 50257 else [])  # GPT-2's tokens
     assert sorted(p.name for p in out.iterdir()) == files  # no temp files left
@@ -251,14 +258,14 @@ def test_save_pretrained_loads_in_hugging_face(tmp_path, config, perturb):
     torch.testing.assert_close(hf_logits(hf, idx), our_logits(model, idx), atol=ATOL_LOGITS, rtol=0)
 
     # exporting again over the same folder replaces it cleanly
-    model.save_pretrained(out)
+    save_pretrained(model, out)
     assert sorted(p.name for p in out.iterdir()) == files
 
 
 def test_padded_vocab_round_trip(tmp_path):
     hf = hf_model(2, 2, 32, 64, 50257)
     hf.save_pretrained(tmp_path / "hf")
-    model = GPT.from_pretrained(str(tmp_path / "hf"), vocab_size=50304).eval()
+    model = from_pretrained(str(tmp_path / "hf"), vocab_size=50304).eval()
     assert model.config.vocab_size == 50304
     wte = model.transformer.wte.weight.detach()
     assert wte.shape == (50304, 32)
@@ -271,7 +278,7 @@ def test_padded_vocab_round_trip(tmp_path):
     torch.testing.assert_close(logits[..., :50257], hf_logits(hf, idx), atol=ATOL_LOGITS, rtol=0)
     assert torch.count_nonzero(logits[..., 50257:]) == 0
 
-    model.save_pretrained(tmp_path / "back")  # padding dropped on export
+    save_pretrained(model, tmp_path / "back")  # padding dropped on export
     back = GPT2LMHeadModel.from_pretrained(tmp_path / "back").eval()
     assert back.config.vocab_size == 50257
     torch.testing.assert_close(hf_logits(back, idx), hf_logits(hf, idx), atol=ATOL_LOGITS, rtol=0)
@@ -283,7 +290,7 @@ def test_padded_vocab_round_trip(tmp_path):
 def test_load_model_hf_folder_and_checkpoint_agree(tmp_path):
     torch.manual_seed(0)
     model = perturb_(GPT(tiny_config(vocab_size=50304))).eval()  # padded, as trained
-    model.save_pretrained(tmp_path / "hf")
+    save_pretrained(model, tmp_path / "hf")
     ckpt = tmp_path / "model_00000.pt"
     save_checkpoint(ckpt, {"model": model.state_dict(), "config": dataclasses.asdict(model.config), "step": 0})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "model_00000.pt"]  # no temp file left

@@ -27,8 +27,18 @@ from test_train import REPO, run, tiny_args, torchrun, write_shards
 import eval_suite as es
 import gpt2
 import hellaswag as hs
+import support.hf
 import train_gpt2 as tg
 from gpt2 import GPT, GPTConfig, KVCache
+from support.checkpoints import (
+    latest_checkpoint,
+    load_checkpoint,
+    model_entries,
+    model_from_checkpoint,
+    save_checkpoint,
+)
+from support.hf import from_pretrained, load_model, save_pretrained
+from support.tokenizer import get_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -249,10 +259,10 @@ def test_bad_options_are_one_line_errors():
 
 def test_checkpoint_round_trip_and_old_checkpoints(tmp_path):
     model = randomised(tiny(**MODERN))
-    gpt2.save_checkpoint(tmp_path / "m.pt", gpt2.model_entries(model))
-    ckpt = gpt2.load_checkpoint(tmp_path / "m.pt")  # weights_only=True
+    save_checkpoint(tmp_path / "m.pt", model_entries(model))
+    ckpt = load_checkpoint(tmp_path / "m.pt")  # weights_only=True
     assert ckpt["config"] == dataclasses.asdict(model.config) and ckpt["config"]["pos_emb"] == "rope"
-    back = gpt2.model_from_checkpoint(ckpt).eval()
+    back = model_from_checkpoint(ckpt).eval()
     assert back.config == model.config and back.state_dict().keys() == model.state_dict().keys()
     assert all(torch.equal(v, back.state_dict()[k]) for k, v in model.state_dict().items())
     idx = tokens()
@@ -261,7 +271,7 @@ def test_checkpoint_round_trip_and_old_checkpoints(tmp_path):
     # a checkpoint written before the options existed: its config has the shape only
     old = GPT(tiny())
     shape_only = {k: getattr(old.config, k) for k in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")}
-    assert gpt2.model_from_checkpoint({"model": old.state_dict(), "config": shape_only}).config == old.config
+    assert model_from_checkpoint({"model": old.state_dict(), "config": shape_only}).config == old.config
 
 
 # -----------------------------------------------------------------------------
@@ -341,7 +351,7 @@ def hf_logits(folder: Path, idx: torch.Tensor):
 ], ids=["modern", "tied-gelu", "fused-qkv-no-softcap"])
 def test_export_to_nanochat_equals_transformers(tmp_path, options, vocab_size):
     model = randomised(tiny(vocab_size, **options))
-    model.save_pretrained(tmp_path / "hf")
+    save_pretrained(model, tmp_path / "hf")
     real = min(vocab_size, gpt2.GPT2_VOCAB_SIZE)
     idx = tokens(vocab_size=real)
     name, theirs = hf_logits(tmp_path / "hf", idx)
@@ -354,7 +364,7 @@ def test_export_to_nanochat_equals_transformers(tmp_path, options, vocab_size):
     assert hf_config["final_logit_softcapping"] == (options["logit_softcap"] or None)
     assert hf_config["tie_word_embeddings"] == options["tie_embeddings"]
     # and back: our importer reads the folder (read_model: --init-from, hellaswag.py, eval_suite.py)
-    back = gpt2.read_model(str(tmp_path / "hf"), vocab_size=vocab_size).eval()
+    back = support.hf.read_model(str(tmp_path / "hf"), vocab_size=vocab_size).eval()
     init_only = dict(zero_init_proj=False, split_qkv=True)  # NanoChat keeps q, k, v apart; init is not saved
     assert back.config == dataclasses.replace(model.config, **init_only)
     with torch.no_grad():
@@ -364,7 +374,7 @@ def test_export_to_nanochat_equals_transformers(tmp_path, options, vocab_size):
 
         assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in (tmp_path / "hf").iterdir()}
         text = "ROMEO: But soft, what light"
-        assert AutoTokenizer.from_pretrained(tmp_path / "hf").encode(text) == gpt2.get_tokenizer().encode(text)
+        assert AutoTokenizer.from_pretrained(tmp_path / "hf").encode(text) == get_tokenizer().encode(text)
         assert back.lm_head.weight[real:].abs().sum() == 0  # the padded rows come back as zeros
 
 
@@ -373,14 +383,14 @@ def test_export_to_nanochat_equals_transformers(tmp_path, options, vocab_size):
                          ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
 def test_export_gpt2_architecture_variants_to_gpt2lmheadmodel(tmp_path, options):
     model = randomised(tiny(**options))
-    model.save_pretrained(tmp_path / "hf")
+    save_pretrained(model, tmp_path / "hf")
     idx = tokens()
     name, theirs = hf_logits(tmp_path / "hf", idx)
     with torch.no_grad():
         ours = model(idx)[0]
     assert name == "GPT2LMHeadModel"
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
-    back = GPT.from_pretrained(str(tmp_path / "hf")).eval()  # fused c_attn, zero biases: the same function
+    back = from_pretrained(str(tmp_path / "hf")).eval()  # fused c_attn, zero biases: the same function
     assert back.config.tie_embeddings == model.config.tie_embeddings and back.config.mlp == model.config.mlp
     with torch.no_grad():
         torch.testing.assert_close(back(idx)[0], ours, rtol=0, atol=1e-5)
@@ -396,7 +406,7 @@ def test_export_gpt2_architecture_variants_to_gpt2lmheadmodel(tmp_path, options)
 ])
 def test_export_refuses_what_no_transformers_class_computes(tmp_path, options, flag):
     with pytest.raises(ValueError) as e:
-        GPT(tiny(**options)).save_pretrained(tmp_path / "out")
+        save_pretrained(GPT(tiny(**options)), tmp_path / "out")
     assert flag in str(e.value) and "\n" not in str(e.value) and "no transformers class" in str(e.value)
     assert not (tmp_path / "out").exists()  # nothing written
 
@@ -409,7 +419,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 def modern_checkpoint(path: Path, **options) -> GPT:
     model = randomised(GPTConfig(block_size=128, vocab_size=50304, n_layer=2, n_head=2, n_embd=32,
                                  **(MODERN | options)), std=0.5)
-    gpt2.save_checkpoint(path, gpt2.model_entries(model))
+    save_checkpoint(path, model_entries(model))
     return model
 
 
@@ -445,11 +455,11 @@ def test_hellaswag_on_a_modern_checkpoint_and_its_export(tmp_path, capsys):
     common = ["-d", "cpu", "--data-file", str(data)]
     assert hs.main(["-m", str(tmp_path / "model_00000.pt"), "--batch-size", "5", *common]) == 0
     batched = totals(capsys.readouterr().out.strip().splitlines())  # logits at the scored positions only
-    model = gpt2.load_model(str(tmp_path / "model_00000.pt"))
+    model = load_model(str(tmp_path / "model_00000.pt"))
     unbatched = hs.evaluate_unbatched(model, EXAMPLES, "cpu")  # logits everywhere
     assert batched == (unbatched["num_total"], unbatched["num_correct"], unbatched["num_correct_norm"])
     assert 0 < batched[2] < batched[0]  # some right, some wrong: the test can tell
-    model.save_pretrained(tmp_path / "hf")
+    save_pretrained(model, tmp_path / "hf")
     assert hs.main(["-m", str(tmp_path / "hf"), *common]) == 0  # the folder, through our importer
     assert totals(capsys.readouterr().out.strip().splitlines()) == batched
     res = hs.evaluate_unbatched(AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval(), EXAMPLES, "cpu")
@@ -462,8 +472,8 @@ def test_eval_suite_on_a_modern_checkpoint_equals_the_hf_backend_on_its_export(t
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=64, vocab_size=50304, n_layer=2, n_head=2, n_embd=32, **MODERN))
     model = teach(model, LESSONS)  # the zero-initialised head must learn something to tell choices apart
-    gpt2.save_checkpoint(tmp_path / "model.pt", gpt2.model_entries(model))
-    model.save_pretrained(tmp_path / "hf")
+    save_checkpoint(tmp_path / "model.pt", model_entries(model))
+    save_pretrained(model, tmp_path / "hf")
     tasks = write_tasks(tmp_path / "tasks")
     with contextlib.redirect_stdout(io.StringIO()):
         rc = es.main(["-m", str(tmp_path / "model.pt"), "--tasks", "toy_mc", "--include-path", str(tasks), "-d", "cpu",
@@ -487,7 +497,7 @@ def modern_folder(tmp_path) -> tuple[Path, Path]:
     """Shards of test_train's tiny vocab (64), and a modern model of its shape exported to a NanoChat folder."""
     shards = write_shards(tmp_path / "shards")
     model = randomised(GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32, **MODERN), std=0.1)
-    model.save_pretrained(tmp_path / "nanochat")
+    save_pretrained(model, tmp_path / "nanochat")
     return shards, tmp_path / "nanochat"
 
 
@@ -498,7 +508,7 @@ def test_modern_model_resumes_bitwise(modern_folder, tmp_path):
     run(args(tmp_path / "straight"))
     run(args(tmp_path / "split", "--stop-after-step", "2"))
     run(args(tmp_path / "split", "--resume"))
-    a, b = (torch.load(tg.latest_checkpoint(tmp_path / d), weights_only=True) for d in ("straight", "split"))
+    a, b = (torch.load(latest_checkpoint(tmp_path / d), weights_only=True) for d in ("straight", "split"))
     assert a["config"]["pos_emb"] == "rope" and a["config"]["logit_softcap"] == 15.0
     for name, w in a["model"].items():
         assert torch.equal(b["model"][name], w), name

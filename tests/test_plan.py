@@ -14,6 +14,8 @@ from test_train import REPO, run, write_shards
 import fineweb
 import gpt2
 import train_gpt2 as tg
+from support.data import DATA_DIR, dataset_dir
+from support.planner import block_activation_bytes, saved_activation_bytes
 
 # -----------------------------------------------------------------------------
 # presets
@@ -30,8 +32,8 @@ LADDER = {  # preset: (layers, heads, width, tokens a step, micro-batch, max lr,
 def test_preset_is_the_table_and_starts_on_cpu(preset, tmp_path):
     cfg = tg.parse_train_args(["--preset", preset])
     got = (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.total_batch_size, cfg.micro_batch_size, cfg.max_lr,
-           cfg.warmup_steps, cfg.min_lr_ratio, cfg.max_steps, gpt2.dataset_dir(LADDER[preset][-1]))
-    assert got == (*LADDER[preset][:-1], gpt2.dataset_dir(LADDER[preset][-1])) and str(got[-1]) == cfg.data
+           cfg.warmup_steps, cfg.min_lr_ratio, cfg.max_steps, dataset_dir(LADDER[preset][-1]))
+    assert got == (*LADDER[preset][:-1], dataset_dir(LADDER[preset][-1])) and str(got[-1]) == cfg.data
     assert (cfg.seq_len, cfg.vocab_size, cfg.weight_decay, cfg.grad_clip, cfg.eval_interval) == (1024, 50304, 0.1,
                                                                                                  1.0, 250)
     # tiny shape and batch, the preset's schedule: two steps, then stop
@@ -48,7 +50,7 @@ def test_preset_is_the_table_and_starts_on_cpu(preset, tmp_path):
 def test_a_presets_missing_data_prints_the_command_that_builds_it(preset, tmp_path):
     want = {"gpt2": "`python fineweb.py`", "gpt2-medium": "`python fineweb.py --preset fineweb100B`",
             "gpt2-xl": "`python fineweb.py --preset edu_fineweb100B`"}[preset]
-    if gpt2.dataset_dir(LADDER[preset][-1]).exists():
+    if dataset_dir(LADDER[preset][-1]).exists():
         pytest.skip("the dataset is there")
     small = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--device", "cpu"]
     out = subprocess.run([sys.executable, str(REPO / "train_gpt2.py"), "--preset", preset, "--log-dir",
@@ -59,10 +61,10 @@ def test_a_presets_missing_data_prints_the_command_that_builds_it(preset, tmp_pa
 def test_fineweb_presets():
     cfg = fineweb.parse_args(["--preset", "fineweb100B"])
     assert (cfg.dataset, cfg.name, cfg.prefix, cfg.out_dir) == ("HuggingFaceFW/fineweb", "sample-100BT", "fineweb",
-                                                                 str(gpt2.dataset_dir("fineweb100B")))
+                                                                 str(dataset_dir("fineweb100B")))
     cfg = fineweb.parse_args(["--preset", "edu_fineweb100B", "--out-dir", "elsewhere"])  # flags override
     assert (cfg.dataset, cfg.name, cfg.out_dir) == ("HuggingFaceFW/fineweb-edu", "sample-100BT", "elsewhere")
-    assert fineweb.parse_args([]).out_dir == str(gpt2.DATA_DIR)  # no preset: as before
+    assert fineweb.parse_args([]).out_dir == str(DATA_DIR)  # no preset: as before
 
 
 # -----------------------------------------------------------------------------
@@ -99,8 +101,8 @@ def test_activation_estimate_is_what_autograd_saves(shape, checkpointing):
     x, y = torch.randint(0, V, (B, T)), torch.randint(0, V, (B, T))
     measured = saved_by_autograd(model, x, y)
     c, tokens = model.config, B * T
-    block = tg.block_activation_bytes(c, 4)  # with checkpointing, the recomputed block exists only in the backward
-    estimate = tg.saved_activation_bytes(c, tokens, 4, checkpointing) - (tokens * block if checkpointing else 0)
+    block = block_activation_bytes(c, 4)  # with checkpointing, the recomputed block exists only in the backward
+    estimate = saved_activation_bytes(c, tokens, 4, checkpointing) - (tokens * block if checkpointing else 0)
     estimate += tokens * V * 4  # the log-probabilities, the part of logits_bytes autograd keeps
     assert estimate == pytest.approx(measured, rel=0.15), (estimate, measured)
 

@@ -33,6 +33,11 @@ from test_train import (
 import fineweb
 import gpt2
 import train_gpt2 as tg
+from support.checkpoints import model_entries, save_checkpoint
+from support.data import dataset_dir
+from support.modern_optim import muon_groups
+from support.planner import optimizer_state_bytes
+from support.recipes import MODERN_ARCHITECTURE, RECIPES, recipe_values
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -123,8 +128,8 @@ def test_recipe_layering_defaults_preset_recipe_flags():
     assert (cfg.embed_lr, cfg.muon_momentum_warmup) == (3e-2, 100)  # the recipe's values for the preset
     assert (cfg.beta1, cfg.eps, cfg.schedule, cfg.optimizer) == (0.8, 1e-10, "wsd", "muon")  # its general ones
     assert (cfg.max_steps, cfg.n_embd, cfg.data) == (594, 32, "input.txt")  # the preset's
-    assert cfg.model == gpt2.ModelOptions(**{**tg.MODERN_ARCHITECTURE, "logit_softcap": 0.0})  # none at 32 wide
-    assert parse("--preset", "gpt2", "--recipe", "modern").model == gpt2.ModelOptions(**tg.MODERN_ARCHITECTURE)
+    assert cfg.model == gpt2.ModelOptions(**{**MODERN_ARCHITECTURE, "logit_softcap": 0.0})  # none at 32 wide
+    assert parse("--preset", "gpt2", "--recipe", "modern").model == gpt2.ModelOptions(**MODERN_ARCHITECTURE)
     medium = parse("--preset", "gpt2-medium", "--recipe", "modern")  # no entry of its own: the general values
     assert (medium.warmup_steps, medium.min_lr_ratio, medium.muon_lr, medium.n_layer) == (0, 0.0, 0.02, 24)
     # the speedrun preset is the modern recipe; --recipe gpt2 runs GPT-2's recipe at its shape
@@ -143,9 +148,9 @@ def test_recipe_layering_defaults_preset_recipe_flags():
 def test_every_recipe_value_reaches_the_config(preset):
     cfg = tg.parse_train_args(["--recipe", "modern"] + (["--preset", preset] if preset else []))
     flat = {**dataclasses.asdict(cfg), **dataclasses.asdict(cfg.model)}
-    values = tg.recipe_values("modern", preset)
-    assert {k: flat[k] for k in values} == values and set(values) >= set(tg.RECIPES["modern"]["*"])
-    assert tg.recipe_values("gpt2", preset) == {}
+    values = recipe_values("modern", preset)
+    assert {k: flat[k] for k in values} == values and set(values) >= set(RECIPES["modern"]["*"])
+    assert recipe_values("gpt2", preset) == {}
 
 
 def test_speedrun_is_record_11(capsys):
@@ -159,14 +164,14 @@ def test_speedrun_is_record_11(capsys):
     assert (cfg.muon_momentum_start, cfg.muon_momentum, cfg.muon_momentum_warmup) == (0.85, 0.95, 500)
     assert (cfg.model.logit_softcap, cfg.grad_clip, cfg.eval_interval, cfg.target_val_loss) == (30.0, 0.0, 125, 3.28)
     assert cfg.val_steps * 64 * 1024 * 8 == 10485760  # the record's val_tokens, on 8 GPUs
-    assert cfg.data == str(gpt2.dataset_dir("fineweb10B"))
+    assert cfg.data == str(dataset_dir("fineweb10B"))
     fw = fineweb.parse_args(["--preset", "fineweb10B"])  # python fineweb.py --preset fineweb10B builds it
     assert (fw.dataset, fw.name, fw.prefix, fw.out_dir) == ("HuggingFaceFW/fineweb", "sample-10BT", "fineweb",
-                                                             str(gpt2.dataset_dir("fineweb10B")))
+                                                             str(dataset_dir("fineweb10B")))
 
 
 def test_speedrun_without_its_data_says_how_to_build_it(tmp_path):
-    if gpt2.dataset_dir("fineweb10B").exists():
+    if dataset_dir("fineweb10B").exists():
         pytest.skip("the dataset is there")
     small = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--device", "cpu", "--log-dir", str(tmp_path / "r")]
     out = subprocess.run([sys.executable, str(REPO / "train_gpt2.py"), "--preset", "speedrun", *small],
@@ -445,7 +450,7 @@ def test_bad_combinations_are_one_line_errors_before_step_0(shards, tmp_path, ca
         assert not r.exists(), extra
     # a model whose q, k and v are one matrix (GPT-2's c_attn), fine-tuned with Muon
     model = tiny_model()
-    gpt2.save_checkpoint(tmp_path / "gpt2like.pt", gpt2.model_entries(model))
+    save_checkpoint(tmp_path / "gpt2like.pt", model_entries(model))
     err = cli_error(base("--init-from", str(tmp_path / "gpt2like.pt"), "--optimizer", "muon", "--block-size", "16"),
                     capsys)
     assert err == (f"--optimizer muon orthogonalises q, k and v one by one: --init-from {tmp_path / 'gpt2like.pt'} "
@@ -509,8 +514,8 @@ def test_mfu_counts_an_untied_embedding_as_a_lookup():
 def test_muon_state_is_counted_on_the_model_the_run_builds():
     cfg = tg.parse_train_args(["--recipe", "modern", "--n-layer", "2", "--n-head", "2", "--n-embd", "16"])
     model = gpt2.GPT(cfg.model_config())
-    groups = tg.muon_groups(model)
-    bytes_ = tg.optimizer_state_bytes(cfg, 1)
+    groups = muon_groups(model)
+    bytes_ = optimizer_state_bytes(cfg, 1)
     assert bytes_["Muon momentum (fp32): block matrices"] == 4 * sum(p.numel() for p in groups["muon"])
     for k in ("embed", "head", "scalar"):
         assert bytes_.get(f"AdamW state (fp32 m, v): {k}", 0) == 8 * sum(p.numel() for p in groups.get(k, [])), k

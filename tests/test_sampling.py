@@ -12,7 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # plain `pytest` puts tests/, not the repo root, on sys.path
     sys.path.insert(0, str(ROOT))
 
-from gpt2 import GPT, GPTConfig, KVCache, SampleConfig, get_tokenizer, sample_text  # noqa: E402
+from gpt2 import GPT, GPTConfig, KVCache  # noqa: E402
+from support.sampling import SampleConfig, sample_text  # noqa: E402
+from support.tokenizer import get_tokenizer  # noqa: E402
 
 PROMPT = "Hello, I'm a language model,"
 

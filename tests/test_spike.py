@@ -26,6 +26,8 @@ from test_train import (
 )
 
 import train_gpt2 as tg
+from support.checkpoints import latest_checkpoint
+from support.faults import FAULTS_ENV
 
 TOKENS_PER_STEP = 64
 
@@ -142,7 +144,7 @@ def test_after_max_rewinds_the_run_stops_with_an_error_naming_the_step(tmp_path)
     assert "rewind 1 of at most 1: back to" in out.stdout
     assert "(step 6), the batches of steps 7..8 skipped (4 micro-batches per rank)" in out.stdout
     assert [s for s, _ in log_lines(log_dir, "spike")] == [8, 11]
-    assert tg.latest_checkpoint(log_dir).name == "model_00009.pt"
+    assert latest_checkpoint(log_dir).name == "model_00009.pt"
     # the rewind count is in the checkpoints: a run resumed after the first rewind stops at the same spike
     resumed = tmp_path / "resumed"
     run(args(data, resumed, *GUARD, "--max-rewinds", "1", "--stop-after-step", "9"))
@@ -203,7 +205,7 @@ def assert_nan_rewound(log_dir: Path) -> None:
 
 def test_a_nan_loss_is_a_spike(spiked, tmp_path, monkeypatch, capsys):
     tmp, data, _ = spiked
-    monkeypatch.setenv(tg.FAULTS_ENV, "nan@8")
+    monkeypatch.setenv(FAULTS_ENV, "nan@8")
     run(args(data, tmp_path / "nan", *GUARD))
     assert "loss is nan: not finite" in capsys.readouterr().out
     assert_nan_rewound(tmp_path / "nan")
@@ -213,7 +215,7 @@ def test_a_nan_loss_is_a_spike(spiked, tmp_path, monkeypatch, capsys):
 
 def test_a_nan_loss_is_a_spike_under_ddp(spiked, tmp_path, monkeypatch):
     tmp, data, _ = spiked
-    monkeypatch.setenv(tg.FAULTS_ENV, "nan@8:1")  # one rank's loss: the all-reduced loss is NaN on both
+    monkeypatch.setenv(FAULTS_ENV, "nan@8:1")  # one rank's loss: the all-reduced loss is NaN on both
     out = torchrun(args(data, tmp_path / "ddp", *GUARD))
     assert out.stdout.count("rewind 1 of at most 3: back to") == 1
     assert_nan_rewound(tmp_path / "ddp")
@@ -226,7 +228,7 @@ def test_a_nan_loss_is_a_spike_compiled_and_in_float16(spiked, tmp_path, monkeyp
     """float16: the NaN overflows the scaled gradients too; the scaler's skip and halving are undone with the rest
     (its state is in the checkpoint)."""
     tmp, data, _ = spiked
-    monkeypatch.setenv(tg.FAULTS_ENV, "nan@8")
+    monkeypatch.setenv(FAULTS_ENV, "nan@8")
     run(args(data, tmp_path / "r", *GUARD, *flags))
     assert_nan_rewound(tmp_path / "r")
     if "float16" in flags:

@@ -16,8 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # plain `pytest` puts tests/, not the repo root, on sys.path
     sys.path.insert(0, str(ROOT))
 
-import gpt2  # noqa: E402
-from gpt2 import EOT_TOKEN, TokenizerError, get_tokenizer  # noqa: E402
+from gpt2 import EOT_TOKEN  # noqa: E402
+from support.tokenizer import GPT2_BPE_FILES, TokenizerError, get_tokenizer  # noqa: E402
 
 TRICKY = [
     "",
@@ -183,7 +183,7 @@ def test_matches_reference_bpe_on_tricky_strings(reference_bpe, text):
 
 @pytest.mark.parametrize("name", ["vocab.bpe", "encoder.json"])
 def test_sha256_mismatch_names_the_file(monkeypatch, fresh_tokenizer, name):
-    monkeypatch.setitem(gpt2.GPT2_BPE_FILES, name, "0" * 64)
+    monkeypatch.setitem(GPT2_BPE_FILES, name, "0" * 64)
     with pytest.raises(TokenizerError, match=re.escape(name)) as err:
         get_tokenizer()
     assert "sha256" in str(err.value)

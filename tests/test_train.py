@@ -18,7 +18,12 @@ import pytest
 import torch
 
 import gpt2
+import support.distributed
 import train_gpt2 as tg
+from support.checkpoints import latest_checkpoint, load_optimizer_state
+from support.data import find_shards, open_shard
+from support.hf import load_model
+from support.tokenizer import get_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 VOCAB = 64
@@ -173,7 +178,7 @@ def test_shuffle_is_seeded_shared_by_ranks_and_restorable():
 
 def test_shards_are_memory_mapped(tmp_path):
     write_shards(tmp_path / "s", n_train=1, tokens_per_shard=100_000)
-    tokens = tg.open_shard(next((tmp_path / "s").glob("*train*")))
+    tokens = open_shard(next((tmp_path / "s").glob("*train*")))
     assert isinstance(tokens, np.memmap)
 
 
@@ -182,7 +187,7 @@ def test_shards_are_memory_mapped(tmp_path):
 
 
 def final_state(log_dir: Path) -> dict:
-    return checkpoint_tensors(tg.latest_checkpoint(log_dir))
+    return checkpoint_tensors(latest_checkpoint(log_dir))
 
 
 def log_lines(log_dir: Path, name: str) -> list[tuple[int, float]]:
@@ -211,7 +216,7 @@ def test_resume_equals_uninterrupted_bitwise(shards, tmp_path):
     args = lambda d, *x: tiny_args(shards, d, "--checkpoint-interval", "100", "--shuffle", *x, steps=8)
     run(args(tmp_path / "straight"))
     run(args(tmp_path / "split", "--stop-after-step", "3"))
-    assert tg.latest_checkpoint(tmp_path / "split").name == "model_00003.pt"
+    assert latest_checkpoint(tmp_path / "split").name == "model_00003.pt"
     history = run(args(tmp_path / "split", "--resume"))
     assert min(history["train"]) == 4
     assert_same_run(tmp_path / "straight", tmp_path / "split")
@@ -247,10 +252,10 @@ def test_kill_9_then_resume_never_picks_a_partial_checkpoint(shards, tmp_path):
     wait_for(lambda: len(list(log_dir.glob("model_*.pt"))) >= 3)
     proc.kill()
     proc.wait()
-    newest = tg.latest_checkpoint(log_dir)
+    newest = latest_checkpoint(log_dir)
     # what a kill -9 in the middle of torch.save leaves behind: a temporary file, never a model_*.pt
     (log_dir / f".model_{99999:05d}.pt.tmp12345").write_bytes(b"half a checkpoint")
-    assert tg.latest_checkpoint(log_dir) == newest
+    assert latest_checkpoint(log_dir) == newest
     step = checkpoint_tensors(newest)["step"]
     history = run(tiny_args(shards, log_dir, "--resume", "--eval-interval", "0", steps=step + 3))
     assert sorted(history["train"]) == [step + 1, step + 2]
@@ -264,7 +269,7 @@ def test_sigterm_finishes_the_step_saves_and_exits(shards, tmp_path):
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
     assert "SIGTERM" in out and "continue with --resume" in out
-    ckpt = tg.latest_checkpoint(log_dir)
+    ckpt = latest_checkpoint(log_dir)
     state = checkpoint_tensors(ckpt)
     last_logged = max(int(ln.split()[0]) for ln in (log_dir / "log.txt").read_text().splitlines())
     assert state["step"] == last_logged  # the step in flight was finished and saved
@@ -280,7 +285,7 @@ def test_checkpoint_is_plain_data_and_complete(shards, tmp_path):
     shape = {"block_size": 32, "vocab_size": VOCAB, "n_layer": 2, "n_head": 2, "n_embd": 32}
     assert ckpt["config"] == dataclasses.asdict(gpt2.GPTConfig(**shape))  # the shape, and the options (GPT-2's)
     assert ckpt["step"] == 1 and isinstance(ckpt["val_loss"], float)
-    model = gpt2.load_model(str(tmp_path / "r" / "model_00001.pt"))
+    model = load_model(str(tmp_path / "r" / "model_00001.pt"))
     assert model.num_parameters() == sum(v.numel() for k, v in ckpt["model"].items() if k != "lm_head.weight")
 
 
@@ -307,7 +312,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(shards, tm
     with pytest.raises(tg.TrainingDiverged, match="at step 3"):
         run(tiny_args(shards, log_dir, "--checkpoint-interval", "1", "--eval-interval", "0"), poison)
     good = log_dir / "model_00002.pt"
-    assert tg.latest_checkpoint(log_dir) == good
+    assert latest_checkpoint(log_dir) == good
     assert all(torch.isfinite(v).all() for v in checkpoint_tensors(good)["model"].values())
 
 
@@ -353,17 +358,17 @@ def test_each_rank_takes_its_local_gpu(fake_gpus, monkeypatch):
     seen, torchrun_env = fake_gpus
     torchrun_env(rank=11, local_rank=3, world_size=16)  # second node of two, fourth GPU
     for device in ("auto", "cuda"):
-        d = gpt2.setup_distributed(device)
+        d = support.distributed.setup_distributed(device)
         assert (d.rank, d.local_rank, d.world_size, d.device) == (11, 3, 16, "cuda:3")
     assert seen["set_device"] == ["cuda:3", "cuda:3"]
     init = seen["init"][0]
     assert init["backend"] == "nccl" and (init["rank"], init["world_size"]) == (11, 16)
     assert init["device_id"] == torch.device("cuda:3") and init["timeout"] == datetime.timedelta(minutes=30)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # a scheduler shows each process one GPU
-    assert gpt2.setup_distributed("cuda").device == "cuda:0"
+    assert support.distributed.setup_distributed("cuda").device == "cuda:0"
     with pytest.raises(ValueError, match=r"--device cuda:1 under torchrun would put all 16 ranks on one GPU"):
-        gpt2.setup_distributed("cuda:1")
-    cpu = gpt2.setup_distributed("cpu")
+        support.distributed.setup_distributed("cuda:1")
+    cpu = support.distributed.setup_distributed("cpu")
     assert cpu.device == "cpu" and seen["init"][-1]["backend"] == "gloo" and seen["init"][-1]["device_id"] is None
 
 
@@ -371,7 +376,8 @@ def test_one_process_on_a_chosen_gpu_binds_it(fake_gpus, monkeypatch):
     seen, _ = fake_gpus
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(k, raising=False)
-    assert gpt2.setup_distributed("cuda:1").device == "cuda:1" and gpt2.setup_distributed("auto").device == "cuda"
+    assert support.distributed.setup_distributed("cuda:1").device == "cuda:1"
+    assert support.distributed.setup_distributed("auto").device == "cuda"
     assert seen["set_device"] == ["cuda:1"] and seen["init"] == []  # synchronize() and kernels use GPU 1
 
 
@@ -405,7 +411,7 @@ def test_resume_keeps_the_optimizers_implementation():
     plain.load_state_dict(state)
     assert plain.param_groups[0]["fused"] is False  # what this guards against: the saved flag wins
     fused = gpu_like()
-    tg.load_optimizer_state(fused, state)
+    load_optimizer_state(fused, state)
     assert all(g["fused"] is True for g in fused.param_groups)
     assert all(g["lr"] == 6e-4 for g in fused.param_groups) and fused.param_groups[1]["weight_decay"] == 0.0
     fused.step()  # the loaded state (step counters included) suits the fused kernel
@@ -430,7 +436,7 @@ def test_defaults_are_the_reference_recipe():
     cfg = tg.TrainConfig()
     assert (cfg.vocab_size, cfg.seq_len, cfg.micro_batch_size, cfg.total_batch_size) == (50304, 1024, 64, 2**19)
     assert (cfg.weight_decay, cfg.beta1, cfg.beta2, cfg.eps, cfg.grad_clip) == (0.1, 0.9, 0.95, 1e-8, 1.0)
-    assert (cfg.eval_interval, cfg.checkpoint_interval) == (250, 5000)
+    assert (cfg.eval_interval, cfg.checkpoint.checkpoint_interval) == (250, 5000)
     import fineweb
 
     assert cfg.data == fineweb.Config().out_dir == str(REPO / "edu_fineweb10B")  # where fineweb.py writes, from any cwd
@@ -527,8 +533,8 @@ def test_shards_are_matched_by_their_split_field(tmp_path):
     for name in names:
         np.save(folder / name, np.zeros(10, dtype=np.uint16))
     (folder / ".fw_eval_train_000003.npy.tmp42").write_bytes(b"")  # atomic_write's temporary name
-    assert [p.name for p in tg.find_shards(folder, "val")] == ["fw_eval_val_000000.npy"]
-    assert [p.name for p in tg.find_shards(folder, "train")] == names[1:3]
+    assert [p.name for p in find_shards(folder, "val")] == ["fw_eval_val_000000.npy"]
+    assert [p.name for p in find_shards(folder, "train")] == names[1:3]
 
 
 def test_error_corrupt_shard(shards, tmp_path, capsys):
@@ -615,18 +621,19 @@ def test_a_rank_that_cannot_read_the_token_cache_stops_every_rank(tmp_path):
     text.write_text("hello world. " * 200)
     script = tmp_path / "read_tokens.py"
     script.write_text(
-        "import sys\nfrom pathlib import Path\nimport numpy as np\nimport gpt2\nimport train_gpt2 as tg\n"
-        "dist = gpt2.setup_distributed('cpu')\n"
+        "import sys\nfrom pathlib import Path\nimport numpy as np\nfrom support.data import tokenize_text_file\n"
+        "from support.distributed import setup_distributed, teardown_distributed\n"
+        "dist = setup_distributed('cpu')\n"
         "if dist.rank == 1:\n"
         "    def unreadable(*args, **kwargs):\n"
         "        raise FileNotFoundError('not visible on this node')\n"
         "    np.load = unreadable\n"
         "try:\n"
-        "    result = f'{len(tg.tokenize_text_file(Path(sys.argv[1]), dist))} tokens'\n"
+        "    result = f'{len(tokenize_text_file(Path(sys.argv[1]), dist))} tokens'\n"
         "except Exception as e:\n"
         "    result = f'{type(e).__name__}: {e}'\n"
         "finally:\n"
-        "    gpt2.teardown_distributed()\n"
+        "    teardown_distributed()\n"
         "Path(f'rank{dist.rank}.txt').write_text(result)\n")  # a file each: the ranks' stdout can interleave
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(text)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -653,4 +660,4 @@ def test_text_file_training_writes_log_checkpoint_and_samples(tmp_path, capsys):
     assert "rank 0 sample 0: ROMEO:" in out  # the preset's prompt
     cache = list(tmp_path.glob("input.txt.*.gpt2.npy"))
     assert len(cache) == 1
-    assert np.load(cache[0]).tolist() == gpt2.get_tokenizer().encode_ordinary(data.read_text())
+    assert np.load(cache[0]).tolist() == get_tokenizer().encode_ordinary(data.read_text())

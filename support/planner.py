@@ -1,0 +1,156 @@
+"""
+Planning (`train_gpt2.py plan`): before renting GPUs, what one GPU holds for a configuration, the largest
+micro-batch that fits, and what the run costs. Arithmetic on the model's shape; the activations' count is
+checked against what autograd actually saves (tests/test_plan.py), the rest follows from the dtypes.
+
+MemoryConfig, the options that trade memory for time or traffic, lives here: the planner counts each of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gpt2 import GPT, GPTConfig
+from support.errors import TrainError
+from support.metrics import flops_per_token, peak_for_name
+from support.modern_optim import muon_groups
+
+
+@dataclass
+class MemoryConfig:
+    shard: str = "ddp"  # ddp: every rank holds all weights, gradients, AdamW state; fsdp: each 1/N of them (FSDP2)
+    activation_checkpointing: bool = False  # recompute blocks' activations in backward: less memory, ~1/3 more compute
+    reduce_every_micro_step: bool = False  # fsdp, accumulating: gradients stay sharded (4/N B a weight), at N x traffic
+    loss_chunk: int = 0  # >0: output layer + loss this many tokens at a time, never all the logits at once (memory)
+
+    def check(self, world_size: int) -> None:
+        if self.loss_chunk < 0:
+            raise TrainError(f"--loss-chunk {self.loss_chunk}: give a number of tokens, or 0 for one matmul")
+        if self.reduce_every_micro_step and self.shard != "fsdp":
+            raise TrainError("--reduce-every-micro-step keeps fsdp's gradients sharded: it needs --shard fsdp")
+        if self.shard == "fsdp" and world_size == 1:
+            raise TrainError("--shard fsdp splits the model over ranks: launch with torchrun --nproc_per_node N "
+                             "(N >= 2), or use --shard ddp in one process")
+
+
+GIB = 2**30
+GPU_MEMORY_GIB = {"H200": 141, "H100-80GB": 80, "A100-80GB": 80, "A100-40GB": 40, "L40S": 48, "A10": 24, "L4": 24,
+                  "RTX-4090": 24, "RTX-3090": 24, "V100-32GB": 32, "V100-16GB": 16, "T4": 16}  # as sold
+CUDA_ALLOWANCE_GIB = 1.5  # the CUDA context, cuBLAS/cuDNN workspaces, allocator fragmentation (an assumption)
+
+
+@dataclass
+class PlanConfig:
+    gpus: int = 8  # GPUs the run uses, all nodes together
+    gpu: str = "H100-80GB"  # the GPU: its memory and, where known, its peak FLOP/s (names listed below)
+    gpu_memory: float | None = None  # GiB per GPU, instead of --gpu's
+    tokens_per_sec: float | None = None  # the run's measured speed, all GPUs together (a short run's tok/sec)
+    mfu: float = 0.4  # without --tokens-per-sec: the model FLOPs utilization assumed for the time and cost
+    price: float = 2.5  # price of one GPU-hour, in dollars (an assumption: pass your provider's)
+
+
+def block_activation_bytes(c: GPTConfig, dtype_bytes: int) -> int:
+    """What autograd keeps of one block for the backward pass, per token: the two LayerNorms' fp32 inputs
+    (the residual stream, 2 x 4C bytes), 14C values in the autocast dtype (LayerNorm outputs, q/k/v, attention
+    output, the MLP's 4C-wide input and GELU output), and LayerNorm/attention statistics ((4 + n_head) fp32)."""
+    return 8 * c.n_embd + 14 * c.n_embd * dtype_bytes + 4 * (4 + c.n_head)
+
+
+def saved_activation_bytes(c: GPTConfig, tokens: int, dtype_bytes: int, checkpointing: bool) -> int:
+    """What autograd keeps for the backward pass at the end of the forward, but the logits: each block's
+    activations, or with checkpointing only each block's input (4C a token) plus the one block recomputed
+    during the backward pass at a time; then ln_f and lm_head's input."""
+    C, block = c.n_embd, block_activation_bytes(c, dtype_bytes)
+    per_token = c.n_layer * (4 * C if checkpointing else block) + 8 * C
+    return tokens * per_token + (tokens * block if checkpointing else 0)  # + the block being recomputed
+
+
+def logits_bytes(c: GPTConfig, tokens: int, dtype_bytes: int, loss_chunk: int) -> int:
+    """The output layer and loss: the log-probabilities kept for backward (fp32), the logits and their fp32
+    copy while the loss is computed. Chunked (--loss-chunk), only a chunk's worth at a time, plus lm_head's
+    weight gradient computed in the same pass."""
+    rows = min(loss_chunk, tokens) if loss_chunk > 0 else tokens
+    return rows * c.vocab_size * (8 + dtype_bytes) + (c.vocab_size * c.n_embd * 4 if loss_chunk > 0 else 0)
+
+
+def optimizer_state_bytes(cfg, n: int) -> dict[str, int]:
+    """The optimizer state one GPU holds (n: the GPUs FSDP splits it over): AdamW's two fp32 moments a parameter;
+    under muon, Muon's one fp32 momentum buffer for the blocks' matrices and AdamW's two for each of its groups,
+    counted on the model the run builds (made on the meta device: no memory)."""
+    if cfg.optimizer == "adamw":
+        return {"AdamW state (fp32 m, v)": 8 * cfg.model_config().num_parameters() // n}
+    with torch.device("meta"):
+        groups = {k: sum(p.numel() for p in ps) for k, ps in muon_groups(GPT(cfg.model_config())).items()}
+    parts = {"Muon momentum (fp32): block matrices": 4 * groups.pop("muon", 0) // n}
+    return parts | {f"AdamW state (fp32 m, v): {k}": 8 * size // n for k, size in groups.items()}
+
+
+def plan_memory(cfg, gpus: int, B: int, dtype_bytes: int) -> dict[str, int]:
+    """Bytes one GPU holds at its peak, by what they are."""
+    c, P = cfg.model_config(), cfg.model_config().num_parameters()
+    fsdp = cfg.memory.shard == "fsdp"
+    accumulating = cfg.total_batch_size > B * cfg.seq_len * gpus and not cfg.memory.reduce_every_micro_step
+    n = gpus if fsdp else 1  # FSDP splits the model states over the GPUs
+    parts = {"weights (fp32)": 4 * P // n, "gradients (fp32)": 4 * P // n, **optimizer_state_bytes(cfg, n)}
+    if fsdp:  # gathered (fp32): the root unit (embeddings, ln_f) and two blocks (this one and the next,
+        block = c.block_parameters()  # prefetched); the root's gradients before their reduction
+        root = P - c.n_layer * block
+        parts["gathered weights, the root's gradients"] = 4 * (2 * root + 2 * block)
+        parts["whole gradients between micro-steps"] = 4 * P if accumulating else 0
+    else:
+        parts["DDP's gradient buckets"] = 4 * P if gpus > 1 else 0
+    parts["autocast's weight copies"] = 2 * P if dtype_bytes == 2 else 0  # bf16 casts kept for the backward pass
+    tokens = B * cfg.seq_len
+    parts["activations"] = saved_activation_bytes(c, tokens, dtype_bytes, cfg.memory.activation_checkpointing)
+    parts["logits and loss"] = logits_bytes(c, tokens, dtype_bytes, cfg.memory.loss_chunk)
+    parts["CUDA context and workspaces (assumed)"] = int(CUDA_ALLOWANCE_GIB * GIB)
+    return parts
+
+
+def largest_micro_batch(cfg, gpus: int, memory: float, dtype_bytes: int) -> int | None:
+    """The largest micro-batch that fits and divides the total batch (accumulation computed); None if none."""
+    per_step = cfg.total_batch_size // (cfg.seq_len * gpus)
+    fits = [b for b in range(1, per_step + 1) if per_step % b == 0
+            and sum(plan_memory(cfg, gpus, b, dtype_bytes).values()) <= memory]
+    return max(fits) if fits else None
+
+
+def plan_report(cfg, plan: PlanConfig) -> list[str]:
+    """The plan, as printed."""
+    c, gpus = cfg.model_config(), plan.gpus
+    memory = (plan.gpu_memory or GPU_MEMORY_GIB[plan.gpu]) * GIB
+    dtype_bytes = 4 if cfg.dtype == "float32" else 2  # auto: bf16 (or fp16) on CUDA
+    dtype = {"auto": "bf16", "bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[cfg.dtype]
+    parts = plan_memory(cfg, gpus, cfg.micro_batch_size, dtype_bytes)
+    total, accum = sum(parts.values()), cfg.total_batch_size // (cfg.micro_batch_size * cfg.seq_len * gpus)
+    lines = [f"{c.num_parameters():,} parameters ({c.n_layer} layers, {c.n_head} heads, {c.n_embd} wide) on {gpus} x "
+             f"{plan.gpu} ({memory / GIB:.0f} GiB) | --shard {cfg.memory.shard} | activation checkpointing "
+             f"{'on' if cfg.memory.activation_checkpointing else 'off'} | {dtype} autocast | "
+             f"--optimizer {cfg.optimizer}",
+             f"micro-batch {cfg.micro_batch_size} x {cfg.seq_len} tokens, gradient accumulation {accum}", "per GPU:"]
+    lines += [f"  {name:<40} {v / GIB:8.2f} GiB" for name, v in parts.items() if v]
+    verdict = "fits" if total <= memory else "does NOT fit"
+    lines.append(f"  {'total':<40} {total / GIB:8.2f} GiB of {memory / GIB:.0f}: {verdict}")
+    best = largest_micro_batch(cfg, gpus, memory, dtype_bytes)
+    lines.append(f"largest micro-batch that fits: {best}" if best else "no micro-batch fits: add --shard fsdp, "
+                 "--activation-checkpointing, --loss-chunk 8192 or GPUs")
+    return lines + plan_cost(cfg, plan)
+
+
+def plan_cost(cfg, plan: PlanConfig) -> list[str]:
+    tokens = cfg.max_steps * cfg.total_batch_size
+    peak = peak_for_name(plan.gpu.replace("-", " "), bf16=cfg.dtype != "float32")
+    if plan.tokens_per_sec:
+        speed, source = plan.tokens_per_sec, "measured (--tokens-per-sec)"
+    elif peak:
+        speed = plan.mfu * peak * plan.gpus / flops_per_token(cfg.model_config(), cfg.seq_len)
+        source = f"assumed: {plan.mfu:.0%} MFU of {peak / 1e12:.0f} TFLOP/s a GPU (--mfu; or --tokens-per-sec)"
+    else:
+        return [f"run: {cfg.max_steps:,} steps x {cfg.total_batch_size:,} tokens = {tokens / 1e9:.1f}B tokens; "
+                f"time and cost: pass --tokens-per-sec (no peak FLOP/s known for {plan.gpu})"]
+    hours = tokens / speed / 3600
+    return [f"run: {cfg.max_steps:,} steps x {cfg.total_batch_size:,} tokens = {tokens / 1e9:.1f}B tokens",
+            f"at {speed:,.0f} tokens/s ({source}): {hours:,.1f} hours, {hours * plan.gpus:,.0f} GPU-hours, "
+            f"${hours * plan.gpus * plan.price:,.0f} at ${plan.price:.2f} a GPU-hour (--price)"]
