@@ -46,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from gpt2 import EOT_TOKEN, KVCache
+from gpt2 import KVCache
 from hellaswag import _logits, row_losses
 from support.checkpoints import is_checkpoint
 from support.distributed import (
@@ -63,7 +63,7 @@ from support.errors import one_line
 from support.files import atomic_write
 from support.flags import add_dataclass_flags
 from support.hf import load_model
-from support.tokenizer import get_tokenizer
+from support.tokenizer import EOT_TOKEN, get_tokenizer
 
 try:  # a dev/optional dependency: training never needs it; main() says how to install it
     from lm_eval.api.model import TemplateLM

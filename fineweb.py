@@ -46,11 +46,10 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt2 import EOT_TOKEN
 from support.data import DATA_DIR, DATASETS, dataset_dir, is_shard, shard_name
 from support.files import atomic_write, remove_stale_temp_files
 from support.flags import add_dataclass_flags
-from support.tokenizer import GPT2_BPE_FILES, get_tokenizer
+from support.tokenizer import EOT_TOKEN, GPT2_BPE_FILES, get_tokenizer
 
 # -----------------------------------------------------------------------------
 # Config: every field is a --kebab-case flag; its comment is the --help text.

@@ -23,7 +23,6 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-EOT_TOKEN = 50256  # <|endoftext|>
 GPT2_VOCAB_SIZE = 50257  # real tokens: 50,000 BPE merges + 256 bytes + <|endoftext|>; training pads past it
 
 # -----------------------------------------------------------------------------
@@ -49,16 +48,6 @@ class ModelOptions:
     zero_init_proj: bool = False  # attention's and the MLP's output projections (c_proj) start at zero
     logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap); 0: off (GPT-2)
 
-    def check_options(self) -> None:
-        for name, choices in MODEL_CHOICES.items():
-            if getattr(self, name) not in choices:
-                flag = "--" + name.replace("_", "-")
-                raise ValueError(f"{flag} {getattr(self, name)}: use one of {', '.join(choices)}")
-        if self.logit_softcap < 0:
-            raise ValueError(f"--logit-softcap {self.logit_softcap}: give a cap > 0, or 0 for none")
-        if self.rope_base <= 0:
-            raise ValueError(f"--rope-base {self.rope_base}: give a base > 0 (e.g. 10000)")
-
 
 @dataclass
 class GPTConfig(ModelOptions):
@@ -71,7 +60,14 @@ class GPTConfig(ModelOptions):
     def __post_init__(self):
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
-        self.check_options()
+        for name, choices in MODEL_CHOICES.items():
+            if getattr(self, name) not in choices:
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"{flag} {getattr(self, name)}: use one of {', '.join(choices)}")
+        if self.logit_softcap < 0:
+            raise ValueError(f"--logit-softcap {self.logit_softcap}: give a cap > 0, or 0 for none")
+        if self.rope_base <= 0:
+            raise ValueError(f"--rope-base {self.rope_base}: give a base > 0 (e.g. 10000)")
         if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
             raise ValueError(f"--pos-emb rope rotates pairs of a head's dimensions: head size "
                              f"{self.n_embd // self.n_head} (n_embd / n_head) must be even")
@@ -95,12 +91,6 @@ class GPTConfig(ModelOptions):
         return embeddings + positions + self.n_layer * self.block_parameters() + self.norm_parameters()
 
 
-GPT2_SIZES = {  # OpenAI's four checkpoints
-    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
-    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
-    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
-    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
-}
 
 
 # -----------------------------------------------------------------------------

@@ -32,7 +32,7 @@ import torch.nn as nn
 
 import hellaswag
 from gpt2 import GPT, GPT2_VOCAB_SIZE, MODEL_CHOICES, GPTConfig, ModelOptions
-from support import checkpoints, faults, long_runs, recipes, sharding
+from support import checkpoints, long_runs, recipes, sharding
 from support.checkpoints import CheckpointConfig
 from support.data import DATA_DIR, open_splits, shard_tokens
 from support.distributed import (
@@ -54,14 +54,15 @@ from support.hf import export_main, read_model
 from support.long_runs import LongRunConfig, SpikeGuard, StopSignal
 from support.metrics import Metrics, TrackerConfig, duration, flops_per_token, peak_flops, peak_memory
 from support.modern_optim import base_lr, configure_muon, cooldown_steps, get_wsd_lr, muon_momentum, optimizer_lines
-from support.planner import GPU_MEMORY_GIB, MemoryConfig, PlanConfig, plan_report
+from support.planner import GPU_MEMORY_GIB, PlanConfig, plan_report
 from support.sampling import SAMPLE_FLAG_ALIASES, SampleConfig, sample_main, sample_text
+from support.sharding import MemoryConfig
 from support.tokenizer import TokenizerError, get_tokenizer
 
 # -----------------------------------------------------------------------------
 # Configuration: every field is a --kebab-case flag, its comment the --help text. The recipe's fields come
-# first; the machinery's options are groups of their own (checkpoint, long_run, memory, trackers), defined
-# beside the code that reads them, whose fields are flags all the same (--keep-last, --spike-guard, --shard).
+# first; the machinery's options are groups of their own (checkpoint, long_run, memory, trackers), each defined
+# in the module that implements them, whose fields are flags all the same (--keep-last, --spike-guard, --shard).
 
 
 @dataclass
@@ -122,7 +123,7 @@ class TrainConfig:
     # the machinery's options
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # checkpoints: support/checkpoints.py
     long_run: LongRunConfig = field(default_factory=LongRunConfig)  # signals, spike guard: support/long_runs.py
-    memory: MemoryConfig = field(default_factory=MemoryConfig)  # fsdp, checkpointing, loss chunks: support/planner.py
+    memory: MemoryConfig = field(default_factory=MemoryConfig)  # fsdp, checkpointing, loss chunks: support/sharding.py
     trackers: TrackerConfig = field(default_factory=TrackerConfig)  # W&B, TensorBoard: support/metrics.py
 
     def model_config(self) -> GPTConfig:
@@ -130,11 +131,13 @@ class TrainConfig:
         return GPTConfig(self.block_size, self.vocab_size, self.n_layer, self.n_head, self.n_embd,
                          **dataclasses.asdict(self.model))
 
+    MACHINERY = ("checkpoint", "long_run", "memory", "trackers")  # the groups below that are the machinery's
+
     def args(self) -> dict:
         """The arguments as checkpoints (their "args") and W&B record them: the machinery's fields at the top level,
         by their flags' names; the model's options and the samples' settings nested, under model and sample."""
         args = dataclasses.asdict(self)
-        for group in ("checkpoint", "long_run", "memory", "trackers"):
+        for group in self.MACHINERY:
             args |= args.pop(group)
         return args
 
@@ -440,10 +443,8 @@ def loss_scaler(autocast_dtype: torch.dtype | None, cfg: TrainConfig, dist: Dist
     gradients do not underflow fp16; a step whose gradients overflow is skipped and the scale halved."""
     if autocast_dtype != torch.float16:
         return None
-    if cfg.memory.shard == "fsdp":  # each rank sees a shard of the gradients: an overflow anywhere skips on every rank
-        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-
-        return ShardedGradScaler(dist.device_type)
+    if cfg.memory.shard == "fsdp":
+        return sharding.grad_scaler(dist.device_type)
     return torch.amp.GradScaler(dist.device_type)
 
 
@@ -453,8 +454,8 @@ def setup(cfg: TrainConfig, dist: Dist) -> Run:
     check_batch(cfg, dist.world_size)
     # gradient accumulation: micro-batches of B x T tokens on each rank add up to total_batch_size per step
     grad_accum = cfg.total_batch_size // (cfg.micro_batch_size * cfg.seq_len * dist.world_size)
-    cfg.long_run.check(cfg.checkpoint.checkpoint_interval)
     cfg.checkpoint.check()
+    cfg.long_run.check(cfg.checkpoint.checkpoint_interval)
     recipes.check_recipe(cfg)
     use_tf32(dist.device_type)  # CUDA: fp32 matmuls on TF32 tensor cores
     autocast_dtype = resolve_dtype(cfg.dtype, dist.device_type)  # bf16 on GPUs that have it, fp16 else; CPU: fp32
@@ -560,8 +561,7 @@ def grad_sync(run: Run, sync: bool):
     rank adds them up locally: DDP's no_sync(), FSDP's requires_gradient_sync (whole gradients meanwhile).
     --reduce-every-micro-step (fsdp): reduce-scatter after every micro-step and add up the shards instead."""
     if sharding.is_sharded(run.raw_model):
-        run.raw_model.set_requires_gradient_sync(sync or run.cfg.memory.reduce_every_micro_step)
-        return nullcontext()
+        return sharding.gradient_sync(run.raw_model, sync or run.cfg.memory.reduce_every_micro_step)
     return nullcontext() if sync or run.dist.world_size == 1 else run.model.no_sync()
 
 
@@ -700,7 +700,6 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
     """Run training; returns the history: every metric by step, the checkpoints written, the last step.
     on_step(step, stats) is called after every optimizer step (tests, notebooks, the benchmark): stats
     holds loss, lr, norm, dt (seconds), tokens_per_sec, mfu (None off a known GPU), stop, model."""
-    faults.install(sys.modules[__name__])  # tests only: GPT2_FAULTS (support/faults.py); nothing when unset
     dist = setup_distributed(cfg.device)
     run, failed = None, True
     try:
@@ -719,7 +718,8 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
 
 
 # -----------------------------------------------------------------------------
-# Command line: train (default), sample, export, plan
+# Command line: train (default), sample, export, plan. plan takes the training flags, so it is built here; sample
+# and export are support/sampling.py's and support/hf.py's
 
 
 def plan_main(argv: list[str]) -> None:

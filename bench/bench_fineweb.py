@@ -47,9 +47,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import fineweb  # noqa: E402
-from gpt2 import EOT_TOKEN  # noqa: E402
 from support.data import shard_name  # noqa: E402
-from support.tokenizer import get_tokenizer  # noqa: E402
+from support.tokenizer import EOT_TOKEN, get_tokenizer  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # Corpus: documents of 2-5 KB, each a random run of input.txt's paragraphs

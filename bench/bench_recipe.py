@@ -29,7 +29,6 @@ table headed by the device, torch version, data and date.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import math
@@ -45,12 +44,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: the modules live one level up
 
-import gpt2  # noqa: E402
 import train_gpt2 as tg  # noqa: E402
 from bench.machine import device_name  # noqa: E402
-from support.distributed import resolve_device
-from support.flags import as_flag
-from support.recipes import recipe_values
+from support.distributed import resolve_device  # noqa: E402
+from support.flags import as_flag, flat_fields  # noqa: E402
+from support.recipes import recipe_values  # noqa: E402
 
 # The recipes compared, as train_gpt2.py flags over --preset. --ablate adds the GPT-2 recipe plus each single
 # change of the modern one: the named fields of the modern recipe, at its values for the preset.
@@ -75,7 +73,7 @@ def single_change_flags(name: str, preset: str | None) -> list[str]:
     """The GPT-2 recipe plus one change at the modern recipe's values for the preset; where the preset's recipe
     leaves that change out (the quick start's has no softcap), at the recipe's general values."""
     values = recipe_values("modern", preset)
-    gpt2_values = {**dataclasses.asdict(tg.TrainConfig()), **dataclasses.asdict(gpt2.ModelOptions())}
+    gpt2_values = flat_fields(tg.TrainConfig())
     if all(values[k] == gpt2_values[k] for k in SINGLE_CHANGES[name]):
         values = recipe_values("modern", None)
     return ["--recipe", "gpt2", *(w for k in SINGLE_CHANGES[name] for w in as_flag(k, values[k]).split())]

@@ -16,7 +16,7 @@ allocator, cuDNN autotuning), and then --steps timed steps. It sweeps micro-batc
 --loss-chunk, --shard, --activation-checkpointing and --dtype; each row's speed is compared with its baseline,
 the first configuration of the same micro-batch and compile setting (the first recipe listed, loss chunk 0 and
 the first shard, checkpointing and dtype listed), measured in the same run. MFU counts the model's FLOPs
-(train_gpt2.flops_per_token), not the optimizer's: Muon's Newton-Schulz iterations cost time, not MFU. A step
+(support/metrics.py:flops_per_token), not the optimizer's: Muon's Newton-Schulz iterations cost time, not MFU. A step
 is one micro-batch per rank (no gradient accumulation), as in the reference's "ms per 16x1024-token step".
 Timing and MFU come from the loop's own per-step numbers (it synchronizes the GPU before stopping the clock):
 the medians are printed.

@@ -13,7 +13,7 @@ The machinery behind the scripts, one module a concern; each is called from a fe
     sharding.py      --shard fsdp: FSDP2 over the blocks, whole checkpoints from shards
     metrics.py       console, log.txt, trackers (W&B, TensorBoard), MFU and peak memory
     long_runs.py     signals, --checkpoint-minutes, the spike guard and its rewind, torchrun's restarts
-    faults.py        fault injection for the tests (GPT2_FAULTS): installs itself, nothing otherwise
+    faults.py        fault injection for the tests (GPT2_FAULTS): wraps the training functions it needs
     recipes.py       presets (the GPT-2 ladder, the quick start, the speedrun) and recipes (gpt2, modern)
     modern_optim.py  the modern recipe's optimizer and schedule: Muon beside AdamW, WSD, momentum warmup
     planner.py       `train_gpt2.py plan`: memory per GPU, the largest micro-batch, time and cost

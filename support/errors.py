@@ -1,4 +1,4 @@
-"""The errors a script reports as one line (`train_gpt2.py: error: ...`) and the exit status it ends with."""
+"""The errors the scripts report as one line (`train_gpt2.py: error: ...`), and what makes a message one line."""
 
 
 class TrainError(ValueError):

@@ -9,12 +9,14 @@ out matches any, ATTEMPT is torchrun's TORCHELASTIC_RESTART_COUNT; STEP `start` 
     kill-in-save / enospc: rank 0 writes half of the step's checkpoint, then SIGKILLs itself / fails with ENOSPC
 
 Each fires once per process; a relaunch (torchrun's restart) reads the variable afresh. The faults come from
-outside the training code: install() wraps the training script's train_step and evaluate, and the
-checkpoints' writer, with functions that fire the faults asked for and otherwise call the originals.
+outside the training code: injected() wraps the training script's train_step and evaluate, and the checkpoints'
+writer, with functions that fire the faults asked for and otherwise call the originals. The tests run training
+inside it (tests/faulty_train.py launches train_gpt2.py's main that way); train_gpt2.py itself knows nothing of it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import math
@@ -55,18 +57,20 @@ def inject(step, rank: int) -> None:
         time.sleep(3)
 
 
-def install(train_module) -> None:
-    """Where GPT2_FAULTS is set: fire the faults at `start` (before the process group), then wrap the training
-    module's train_step and evaluate and checkpoints.save_checkpoint, once per process (the wrappers read
-    GPT2_FAULTS at every call, so a later run in the same process gets its own faults, or none)."""
-    if not os.environ.get(FAULTS_ENV):
-        return
+@contextlib.contextmanager
+def injected(train_module):
+    """For its duration, the faults GPT2_FAULTS asks for: those at `start` at once (before the process group), the
+    others from train_module's train_step and evaluate and from checkpoints.save_checkpoint, wrapped here and
+    restored after."""
     inject("start", int(os.environ.get("RANK", "0")))
-    if getattr(train_module.train_step, "injects_faults", False):
-        return
-    train_module.train_step = _faulty_train_step(train_module.train_step)
-    train_module.evaluate = _faulty_evaluate(train_module.evaluate)
-    checkpoints.save_checkpoint = _faulty_save(checkpoints.save_checkpoint)
+    originals = train_module.train_step, train_module.evaluate, checkpoints.save_checkpoint
+    train_module.train_step = _faulty_train_step(originals[0])
+    train_module.evaluate = _faulty_evaluate(originals[1])
+    checkpoints.save_checkpoint = _faulty_save(originals[2])
+    try:
+        yield
+    finally:
+        train_module.train_step, train_module.evaluate, checkpoints.save_checkpoint = originals
 
 
 def _faulty_train_step(train_step):
@@ -81,7 +85,6 @@ def _faulty_train_step(train_step):
             return train_step(run, step, stop)
         finally:
             hook.remove()
-    wrapper.injects_faults = True
     return wrapper
 
 

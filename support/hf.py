@@ -19,10 +19,17 @@ from pathlib import Path
 
 import torch
 
-from gpt2 import EOT_TOKEN, GPT, GPT2_SIZES, GPT2_VOCAB_SIZE, RMS_NORM_EPS, GPTConfig
+from gpt2 import GPT, GPT2_VOCAB_SIZE, RMS_NORM_EPS, GPTConfig
 from support.checkpoints import is_checkpoint, load_checkpoint, model_from_checkpoint
 from support.files import atomic_write
-from support.tokenizer import hf_tokenizer_files
+from support.tokenizer import EOT_TOKEN, hf_tokenizer_files
+
+GPT2_SIZES = {  # OpenAI's four checkpoints
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+}
 
 # -----------------------------------------------------------------------------
 # Layouts: which transformers class computes our model, and its names for our weights

@@ -153,17 +153,17 @@ def rewind(run, step: int, loss: float, why: str) -> int:
     """Undo the steps since the newest checkpoint c, the spiked `step` the last of them: every rank loads c
     (weights, optimizer, loss scale, RNG, the guard's losses), then moves the data to where it was after `step`.
     Returns the step to go on from, c + 1. The ranks decide alike: they all see the same all-reduced loss."""
-    cfg, guard, metrics = run.cfg.long_run, run.spike_guard, run.metrics
+    guard, metrics, max_rewinds = run.spike_guard, run.metrics, run.cfg.long_run.max_rewinds
     metrics.log(step, spike=loss, note=why)
     path = guard.checkpoint
     if path is None:
         raise TrainingDiverged(f"loss {loss:.4f} at step {step} is a spike, {why}, and there is no checkpoint to "
                                "rewind to yet: stopping (a smaller --checkpoint-interval writes the first one sooner)")
-    if guard.rewinds >= cfg.max_rewinds:
+    if guard.rewinds >= max_rewinds:
         raise TrainingDiverged(f"loss {loss:.4f} at step {step} is a spike after {guard.rewinds} rewind(s) "
-                               f"(--max-rewinds {cfg.max_rewinds}): stopping; its last checkpoint {path} is untouched")
+                               f"(--max-rewinds {max_rewinds}): stopping; its last checkpoint {path} is untouched")
     data_after, rewinds = run.train_loader.state_dict(), guard.rewinds + 1
-    with patient_collectives(cfg.dist_timeout):  # every rank reads all of it
+    with patient_collectives(run.cfg.long_run.dist_timeout):  # every rank reads all of it
         ckpt = on_every_rank(lambda: load_checkpoint(path), run.dist,
                              TrainError(f"another rank could not read {path} to rewind to (see its error)"))
     restore_run(run, ckpt, weights=True)
@@ -171,7 +171,7 @@ def rewind(run, step: int, loss: float, why: str) -> int:
     run.train_loader.load_state_dict(data_after)  # the batches of steps c+1..step: skipped
     guard.rewinds = rewinds
     c = run.start_step - 1
-    metrics.print(f"rewind {rewinds} of at most {cfg.max_rewinds}: back to {path} (step {c}), the batches of steps "
+    metrics.print(f"rewind {rewinds} of at most {max_rewinds}: back to {path} (step {c}), the batches of steps "
                   f"{c + 1}..{step} skipped ({(step - c) * run.grad_accum} micro-batches per rank)")
     return run.start_step
 

@@ -2,8 +2,6 @@
 Planning (`train_gpt2.py plan`): before renting GPUs, what one GPU holds for a configuration, the largest
 micro-batch that fits, and what the run costs. Arithmetic on the model's shape; the activations' count is
 checked against what autograd actually saves (tests/test_plan.py), the rest follows from the dtypes.
-
-MemoryConfig, the options that trade memory for time or traffic, lives here: the planner counts each of them.
 """
 
 from __future__ import annotations
@@ -13,27 +11,8 @@ from dataclasses import dataclass
 import torch
 
 from gpt2 import GPT, GPTConfig
-from support.errors import TrainError
 from support.metrics import flops_per_token, peak_for_name
 from support.modern_optim import muon_groups
-
-
-@dataclass
-class MemoryConfig:
-    shard: str = "ddp"  # ddp: every rank holds all weights, gradients, AdamW state; fsdp: each 1/N of them (FSDP2)
-    activation_checkpointing: bool = False  # recompute blocks' activations in backward: less memory, ~1/3 more compute
-    reduce_every_micro_step: bool = False  # fsdp, accumulating: gradients stay sharded (4/N B a weight), at N x traffic
-    loss_chunk: int = 0  # >0: output layer + loss this many tokens at a time, never all the logits at once (memory)
-
-    def check(self, world_size: int) -> None:
-        if self.loss_chunk < 0:
-            raise TrainError(f"--loss-chunk {self.loss_chunk}: give a number of tokens, or 0 for one matmul")
-        if self.reduce_every_micro_step and self.shard != "fsdp":
-            raise TrainError("--reduce-every-micro-step keeps fsdp's gradients sharded: it needs --shard fsdp")
-        if self.shard == "fsdp" and world_size == 1:
-            raise TrainError("--shard fsdp splits the model over ranks: launch with torchrun --nproc_per_node N "
-                             "(N >= 2), or use --shard ddp in one process")
-
 
 GIB = 2**30
 GPU_MEMORY_GIB = {"H200": 141, "H100-80GB": 80, "A100-80GB": 80, "A100-40GB": 40, "L40S": 48, "A10": 24, "L4": 24,

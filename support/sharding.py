@@ -4,17 +4,39 @@ Each block is one unit: its weights are all-gathered just before its forward (an
 and freed after, its gradients reduce-scattered as soon as they are complete. The root unit holds the
 embeddings, the tied lm_head and ln_f. Checkpoints stay whole (gathered to rank 0), in the same format as
 under DDP, so a run can change from one to the other on resume.
+
+MemoryConfig holds the options that trade memory for time or traffic (--shard and the levers beside it); the
+planner (support/planner.py) counts what each of them saves.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 from gpt2 import GPT
 from support.distributed import Dist
+from support.errors import TrainError
+
+
+@dataclass
+class MemoryConfig:
+    shard: str = "ddp"  # ddp: every rank holds all weights, gradients, AdamW state; fsdp: each 1/N of them (FSDP2)
+    activation_checkpointing: bool = False  # recompute blocks' activations in backward: less memory, ~1/3 more compute
+    reduce_every_micro_step: bool = False  # fsdp, accumulating: gradients stay sharded (4/N B a weight), at N x traffic
+    loss_chunk: int = 0  # >0: output layer + loss this many tokens at a time, never all the logits at once (memory)
+
+    def check(self, world_size: int) -> None:
+        if self.loss_chunk < 0:
+            raise TrainError(f"--loss-chunk {self.loss_chunk}: give a number of tokens, or 0 for one matmul")
+        if self.reduce_every_micro_step and self.shard != "fsdp":
+            raise TrainError("--reduce-every-micro-step keeps fsdp's gradients sharded: it needs --shard fsdp")
+        if self.shard == "fsdp" and world_size == 1:
+            raise TrainError("--shard fsdp splits the model over ranks: launch with torchrun --nproc_per_node N "
+                             "(N >= 2), or use --shard ddp in one process")
 
 
 def shard_model(model: GPT, dist: Dist, use_compile: bool) -> None:
@@ -120,3 +142,18 @@ def gathered(model: nn.Module):
         for unit in units:
             unit.reshard()
             unit.set_reshard_after_forward(unit is not model, recurse=False)  # as shard_model set them
+
+
+def gradient_sync(model: nn.Module, sync: bool):
+    """Gradient accumulation under FSDP: reduce-scatter the gradients only when sync (the last micro-step), whole
+    gradients adding up on each rank before it. A context, as DDP's no_sync() is (this one is set, not entered)."""
+    model.set_requires_gradient_sync(sync)
+    return nullcontext()
+
+
+def grad_scaler(device_type: str):
+    """float16's loss scaler under FSDP: each rank sees a shard of the gradients, so an overflow anywhere skips the
+    step on every rank."""
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    return ShardedGradScaler(device_type)

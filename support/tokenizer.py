@@ -12,7 +12,9 @@ import json
 from functools import cache
 from pathlib import Path
 
-from gpt2 import EOT_TOKEN, GPT2_VOCAB_SIZE
+from gpt2 import GPT2_VOCAB_SIZE
+
+EOT_TOKEN = 50256  # <|endoftext|>: GPT-2's one special token, between documents
 
 GPT2_BPE_FILES = {
     "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",

@@ -10,7 +10,7 @@ import gpt2
 import train_gpt2 as tg
 from support.checkpoints import save_checkpoint
 from support.sampling import SampleConfig, sample_text
-from support.tokenizer import get_tokenizer
+from support.tokenizer import EOT_TOKEN, get_tokenizer
 
 
 @pytest.fixture
@@ -76,7 +76,7 @@ def test_exported_folder_has_gpt2s_tokenizer_offline(checkpoint, tmp_path):
     for text in [*TRICKY, "text <|endoftext|> more"]:
         assert tok(text)["input_ids"] == enc.encode(text, allowed_special={"<|endoftext|>"}), repr(text)
         assert tok.decode(enc.encode_ordinary(text)) == text
-    assert tok.eos_token_id == gpt2.EOT_TOKEN and tok.model_max_length == 64
+    assert tok.eos_token_id == EOT_TOKEN and tok.model_max_length == 64
     # a transformers pipeline on the folder continues a prompt as our greedy decoding does
     generate = pipeline("text-generation", model=str(tmp_path / "hf"), device="cpu")
     theirs = generate("Hello", max_new_tokens=10, do_sample=False)[0]["generated_text"]

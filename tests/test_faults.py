@@ -23,6 +23,7 @@ from test_train import REPO, assert_same_state, final_state, log_lines, tiny_arg
 
 import support.checkpoints
 import train_gpt2 as tg
+from support import faults
 from support.checkpoints import CheckpointDamaged, check_checkpoint_bytes, checkpoint_step, load_checkpoint
 from support.distributed import torchrun_store
 from support.faults import FAULTS_ENV
@@ -141,16 +142,18 @@ def test_keep_last_deletes_old_checkpoints_only_once_the_new_one_is_in_place(sto
 
 
 # -----------------------------------------------------------------------------
-# Under torchrun: 2 Gloo ranks, faults injected through GPT2_FAULTS (fault), the documented long-run
+# Under torchrun: 2 Gloo ranks, faults injected through GPT2_FAULTS (support/faults.py), the documented long-run
 # command `torchrun --standalone --max-restarts=N train_gpt2.py ... --resume auto`.
 
 
 def torchrun_job(args: list[str], faults: str = "", restarts: int = 0, timeout: int = 240,
                  **popen) -> subprocess.CompletedProcess | subprocess.Popen:
-    """train_gpt2.py under `torchrun --standalone --nproc_per_node=2 --max-restarts=restarts`; with popen
-    arguments (stdout=...), the running torchrun process instead of its result."""
+    """train_gpt2.py under `torchrun --standalone --nproc_per_node=2 --max-restarts=restarts`, through
+    tests/faulty_train.py where there are faults to inject; with popen arguments (stdout=...), the running
+    torchrun process instead of its result."""
+    script = "tests/faulty_train.py" if faults else "train_gpt2.py"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           f"--max-restarts={restarts}", "train_gpt2.py", *args]
+           f"--max-restarts={restarts}", script, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", FAULTS_ENV: faults}
     job = subprocess.Popen(cmd, cwd=REPO, env=env, text=True, start_new_session=True,
                            **(popen or dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE)))
@@ -297,7 +300,8 @@ def test_checkpoint_minutes_also_checkpoints_when_the_time_has_passed(tmp_path, 
     shards = write_shards(tmp_path / "shards")
     monkeypatch.setenv(FAULTS_ENV, "late@4")
     args = tiny_args(shards, tmp_path / "r", "--checkpoint-interval", "0", "--checkpoint-minutes", "0.02", steps=9)
-    history = tg.train(tg.parse_train_args(args))
+    with faults.injected(tg):
+        history = tg.train(tg.parse_train_args(args))
     steps = [checkpoint_step(Path(p)) for p in history["checkpoints"]]
     assert 4 in steps and steps[-1] == 8, steps  # (under load, 0..3 may take 1.2 s too: one more)
 

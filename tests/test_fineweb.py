@@ -28,8 +28,7 @@ if str(ROOT) not in sys.path:  # plain `pytest` puts tests/, not the repo root, 
     sys.path.insert(0, str(ROOT))
 
 import fineweb  # noqa: E402
-from gpt2 import EOT_TOKEN  # noqa: E402
-from support.tokenizer import GPT2_BPE_FILES, get_tokenizer  # noqa: E402
+from support.tokenizer import EOT_TOKEN, GPT2_BPE_FILES, get_tokenizer  # noqa: E402
 
 WORDS = ("the of and to in is was that for on with as by at from his her they which one you were all we "
          "language model token shard über café naïve 東京 データ 🙂 — 1984 3.14 #tag @user don't it's").split()

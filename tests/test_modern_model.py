@@ -28,7 +28,6 @@ import eval_suite as es
 import gpt2
 import hellaswag as hs
 import support.hf
-import train_gpt2 as tg
 from gpt2 import GPT, GPTConfig, KVCache
 from support.checkpoints import (
     latest_checkpoint,
@@ -38,6 +37,7 @@ from support.checkpoints import (
     save_checkpoint,
 )
 from support.hf import from_pretrained, load_model, save_pretrained
+from support.metrics import flops_per_token
 from support.tokenizer import get_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -245,8 +245,8 @@ def test_parameter_counts_for_every_option_combination():
 def test_flops_per_token_counts_an_untied_embedding_as_a_lookup():
     tied, untied = GPTConfig(vocab_size=50304), GPTConfig(vocab_size=50304, tie_embeddings=False)
     assert untied.num_parameters() == tied.num_parameters() + 50304 * 768
-    assert tg.flops_per_token(untied, 1024) == tg.flops_per_token(tied, 1024)  # the same matmuls
-    assert tg.flops_per_token(GPTConfig(vocab_size=50304, pos_emb="rope"), 1024) == tg.flops_per_token(
+    assert flops_per_token(untied, 1024) == flops_per_token(tied, 1024)  # the same matmuls
+    assert flops_per_token(GPTConfig(vocab_size=50304, pos_emb="rope"), 1024) == flops_per_token(
         tied, 1024) - 6 * 1024 * 768  # no wpe
 
 

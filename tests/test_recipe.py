@@ -35,7 +35,8 @@ import gpt2
 import train_gpt2 as tg
 from support.checkpoints import model_entries, save_checkpoint
 from support.data import dataset_dir
-from support.modern_optim import muon_groups
+from support.metrics import flops_per_token
+from support.modern_optim import base_lr, cooldown_steps, get_wsd_lr, muon_groups, muon_momentum
 from support.planner import optimizer_state_bytes
 from support.recipes import MODERN_ARCHITECTURE, RECIPES, recipe_values
 
@@ -158,7 +159,7 @@ def test_speedrun_is_record_11(capsys):
     cfg = tg.parse_train_args(["--preset", "speedrun"])
     assert (cfg.n_layer, cfg.n_embd, cfg.n_embd // cfg.n_head, cfg.vocab_size) == (12, 768, 128, 50304)
     assert (cfg.total_batch_size, cfg.seq_len, cfg.max_steps, cfg.warmup_steps) == (8 * 64 * 1024, 1024, 3000, 0)
-    assert tg.cooldown_steps(cfg.max_steps, cfg.cooldown_frac) == 900 and cfg.min_lr_ratio == 0.0
+    assert cooldown_steps(cfg.max_steps, cfg.cooldown_frac) == 900 and cfg.min_lr_ratio == 0.0
     assert (cfg.muon_lr, cfg.embed_lr, cfg.head_lr, cfg.scalar_lr) == (0.04, 0.6, 0.008, 0.04)
     assert (cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay, cfg.muon_weight_decay) == (0.9, 0.95, 1e-8, 0.0, 0.0)
     assert (cfg.muon_momentum_start, cfg.muon_momentum, cfg.muon_momentum_warmup) == (0.85, 0.95, 500)
@@ -245,7 +246,7 @@ def test_muon_param_groups():
     assert (m["lr"], m["weight_decay"], m["momentum"], m["nesterov"]) == (0.125, 0.01, 0.85, True)
     assert (m["ns_coefficients"], m["ns_steps"], m["eps"], m["adjust_lr_fn"]) == ((3.4445, -4.7750, 2.0315), 5, 1e-7,
                                                                                  "original")
-    lrs = {g["name"]: tg.base_lr(cfg, g) for o in (adamw, muon) for g in o.param_groups}
+    lrs = {g["name"]: base_lr(cfg, g) for o in (adamw, muon) for g in o.param_groups}
     maybe = lambda name, present, value: {name: value} if present else {}
     assert lrs == {"muon": 0.125, "embed": 0.5, **maybe("scalar", vectors, 0.02), **maybe("head", untied, 0.25)}
     decay = {g["name"]: g["weight_decay"] for g in adamw.param_groups}
@@ -256,7 +257,7 @@ def test_muon_param_groups():
 def test_muon_alone_keeps_adamws_lr_and_decay_on_the_rest():
     cfg = tg.parse_train_args(["--optimizer", "muon", "--max-lr", "3e-2"])
     adamw, _ = tg.configure_optimizers(tiny_model(split_qkv=True), cfg, "cpu")
-    assert {g["name"]: (tg.base_lr(cfg, g), g["weight_decay"]) for g in adamw.param_groups} == {
+    assert {g["name"]: (base_lr(cfg, g), g["weight_decay"]) for g in adamw.param_groups} == {
         "embed": (3e-2, 0.1), "scalar": (3e-2, 0.0)}  # GPT-2's: decay on matrices and embeddings, not on vectors
 
 
@@ -274,23 +275,23 @@ def test_q_k_and_v_are_orthogonalised_one_by_one():
 
 
 def test_wsd_schedule_at_its_boundaries():
-    cooldown = tg.cooldown_steps(3000, 0.3)  # record 11: 900 steps of 3000
-    lr = lambda s, warmup=0, min_lr=0.0: tg.get_wsd_lr(s, 1.0, min_lr, warmup, 3000, cooldown)
+    cooldown = cooldown_steps(3000, 0.3)  # record 11: 900 steps of 3000
+    lr = lambda s, warmup=0, min_lr=0.0: get_wsd_lr(s, 1.0, min_lr, warmup, 3000, cooldown)
     assert cooldown == 900 and lr(0) == lr(2099) == lr(2100) == 1.0
     assert [lr(2101), lr(2550), lr(2999)] == pytest.approx([899 / 900, 0.5, 1 / 900])
     assert lr(3000) == lr(5000) == 0.0
     assert [lr(s, warmup=4) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]  # warmup as get_lr's
     assert lr(2999, min_lr=0.1) == pytest.approx(0.1 + 0.9 / 900) and lr(3000, min_lr=0.1) == 0.1
-    assert tg.cooldown_steps(10, 0.01) == 1 and tg.cooldown_steps(594, 0.3) == 178
-    assert [tg.muon_momentum(s, 0.85, 0.95, 500) for s in (0, 250, 500, 1000)] == pytest.approx([0.85, 0.9, 0.95, 0.95])
-    assert tg.muon_momentum(0, 0.85, 0.95, 0) == 0.95
+    assert cooldown_steps(10, 0.01) == 1 and cooldown_steps(594, 0.3) == 178
+    assert [muon_momentum(s, 0.85, 0.95, 500) for s in (0, 250, 500, 1000)] == pytest.approx([0.85, 0.9, 0.95, 0.95])
+    assert muon_momentum(0, 0.85, 0.95, 0) == 0.95
 
 
 def test_lr_and_momentum_per_step(shards, tmp_path):
     steps = 8  # warmup 2 (tiny_args), constant, cooldown over the last 4 (--cooldown-frac 0.5); momentum over 4
     history = run(tiny_args(shards, tmp_path / "r", *MODERN, "--warmup-steps", "2", "--muon-lr", "0.04",
                             "--checkpoint-interval", "5", steps=steps))
-    want = lambda peak, s: tg.get_wsd_lr(s, peak, 0.0, 2, steps, 4)
+    want = lambda peak, s: get_wsd_lr(s, peak, 0.0, 2, steps, 4)
     assert history["lr"] == {s: want(0.04, s) for s in range(steps)}  # the logged lr: Muon's group
     assert list(history["lr"].values())[:6] == pytest.approx([0.02, 0.04, 0.04, 0.04, 0.04, 0.03])
     assert history["momentum"] == pytest.approx({s: 0.85 + 0.1 * min(s / 4, 1) for s in range(steps)})
@@ -499,8 +500,8 @@ def test_plan_counts_muons_one_buffer_and_adamws_two(capsys):
 def test_mfu_counts_an_untied_embedding_as_a_lookup():
     tied, untied = gpt2.GPTConfig(vocab_size=50304), gpt2.GPTConfig(vocab_size=50304, tie_embeddings=False)
     L, C, T, V = 12, 768, 1024, 50304
-    assert tg.flops_per_token(tied, T) == 6 * tied.num_parameters() + 6 * L * C * T == 803_478_528  # as before
-    assert tg.flops_per_token(untied, T) == 6 * (untied.num_parameters() - V * C) + 6 * L * C * T
+    assert flops_per_token(tied, T) == 6 * tied.num_parameters() + 6 * L * C * T == 803_478_528  # as before
+    assert flops_per_token(untied, T) == 6 * (untied.num_parameters() - V * C) + 6 * L * C * T
     small = dict(block_size=32, vocab_size=512, n_layer=2, n_head=2, n_embd=32)
     tied, untied = gpt2.GPTConfig(**small), gpt2.GPTConfig(**small, tie_embeddings=False)
     model = gpt2.GPT(untied)
@@ -508,7 +509,7 @@ def test_mfu_counts_an_untied_embedding_as_a_lookup():
         pytest.skip("this model does not untie lm_head yet (the model branch's GPT does)")
     # the head is the same matmul tied or not, and wte's lookup costs no FLOPs: the same count
     assert untied.num_parameters() == sum(p.numel() for p in model.parameters())
-    assert tg.flops_per_token(untied, 32) == tg.flops_per_token(tied, 32)
+    assert flops_per_token(untied, 32) == flops_per_token(tied, 32)
 
 
 def test_muon_state_is_counted_on_the_model_the_run_builds():

@@ -26,6 +26,7 @@ from test_train import (
 )
 
 import train_gpt2 as tg
+from support import faults
 from support.checkpoints import latest_checkpoint
 from support.faults import FAULTS_ENV
 
@@ -206,7 +207,8 @@ def assert_nan_rewound(log_dir: Path) -> None:
 def test_a_nan_loss_is_a_spike(spiked, tmp_path, monkeypatch, capsys):
     tmp, data, _ = spiked
     monkeypatch.setenv(FAULTS_ENV, "nan@8")
-    run(args(data, tmp_path / "nan", *GUARD))
+    with faults.injected(tg):
+        run(args(data, tmp_path / "nan", *GUARD))
     assert "loss is nan: not finite" in capsys.readouterr().out
     assert_nan_rewound(tmp_path / "nan")
     assert log_lines(tmp_path / "nan", "train") == log_lines(tmp / "on", "train")  # bitwise the same run
@@ -216,7 +218,7 @@ def test_a_nan_loss_is_a_spike(spiked, tmp_path, monkeypatch, capsys):
 def test_a_nan_loss_is_a_spike_under_ddp(spiked, tmp_path, monkeypatch):
     tmp, data, _ = spiked
     monkeypatch.setenv(FAULTS_ENV, "nan@8:1")  # one rank's loss: the all-reduced loss is NaN on both
-    out = torchrun(args(data, tmp_path / "ddp", *GUARD))
+    out = torchrun(args(data, tmp_path / "ddp", *GUARD), script="tests/faulty_train.py")
     assert out.stdout.count("rewind 1 of at most 3: back to") == 1
     assert_nan_rewound(tmp_path / "ddp")
     single = log_lines(tmp / "on", "train")
@@ -229,7 +231,8 @@ def test_a_nan_loss_is_a_spike_compiled_and_in_float16(spiked, tmp_path, monkeyp
     (its state is in the checkpoint)."""
     tmp, data, _ = spiked
     monkeypatch.setenv(FAULTS_ENV, "nan@8")
-    run(args(data, tmp_path / "r", *GUARD, *flags))
+    with faults.injected(tg):
+        run(args(data, tmp_path / "r", *GUARD, *flags))
     assert_nan_rewound(tmp_path / "r")
     if "float16" in flags:
         state = final_state(tmp_path / "r")

@@ -16,8 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # plain `pytest` puts tests/, not the repo root, on sys.path
     sys.path.insert(0, str(ROOT))
 
-from gpt2 import EOT_TOKEN  # noqa: E402
-from support.tokenizer import GPT2_BPE_FILES, TokenizerError, get_tokenizer  # noqa: E402
+from support.tokenizer import EOT_TOKEN, GPT2_BPE_FILES, TokenizerError, get_tokenizer  # noqa: E402
 
 TRICKY = [
     "",

@@ -23,6 +23,7 @@ import train_gpt2 as tg
 from support.checkpoints import latest_checkpoint, load_optimizer_state
 from support.data import find_shards, open_shard
 from support.hf import load_model
+from support.metrics import flops_per_token, peak_flops
 from support.tokenizer import get_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -56,12 +57,13 @@ def run(args: list[str], on_step=None) -> dict:
 
 
 def torchrun(args: list[str], nproc: int = 2, timeout: int = 180, check: bool = True,
-             rank_logs: Path | None = None) -> subprocess.CompletedProcess:
-    """train_gpt2.py under torchrun; with rank_logs, each rank's stdout/stderr go to files there
-    (read them with rank_log): through one pipe, two ranks' lines can interleave."""
+             rank_logs: Path | None = None, script: str = "train_gpt2.py") -> subprocess.CompletedProcess:
+    """train_gpt2.py (or another script of the repo: tests/faulty_train.py) under torchrun; with rank_logs, each
+    rank's stdout/stderr go to files there (read them with rank_log): through one pipe, two ranks' lines can
+    interleave."""
     logs = ["--log-dir", str(rank_logs), "--redirects", "3"] if rank_logs else []
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *logs,
-           str(REPO / "train_gpt2.py"), *args]
+           str(REPO / script), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
     if check:
@@ -385,17 +387,17 @@ def test_mfu_formula_and_peaks(monkeypatch):
     model = gpt2.GPT(gpt2.GPTConfig(vocab_size=50304))  # GPT-2 124M as trained here
     n = sum(p.numel() for p in model.parameters())  # the tied matrix once, padded rows included
     L, C, T = 12, 768, 1024
-    assert n == 124_475_904 and tg.flops_per_token(model.config, T) == 6 * n + 6 * L * C * T == 803_478_528
-    assert 677_000 * tg.flops_per_token(model.config, T) / 989e12 == pytest.approx(0.55, abs=5e-4)  # 55% MFU target
-    assert tg.peak_flops("cpu") is None
+    assert n == 124_475_904 and flops_per_token(model.config, T) == 6 * n + 6 * L * C * T == 803_478_528
+    assert 677_000 * flops_per_token(model.config, T) / 989e12 == pytest.approx(0.55, abs=5e-4)  # 55% MFU target
+    assert peak_flops("cpu") is None
     for name, peak in [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
                        ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA L4", None)]:
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
-        assert tg.peak_flops("cuda:0") == peak, name
-        assert tg.peak_flops("cuda:0", bf16=False) == (peak / 2 if peak else None), name  # TF32
+        assert peak_flops("cuda:0") == peak, name
+        assert peak_flops("cuda:0", bf16=False) == (peak / 2 if peak else None), name  # TF32
     for name, peak in [("Tesla V100-SXM2-16GB", 125e12), ("Tesla T4", 65e12)]:  # fp16 tensor cores, no TF32
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
-        assert tg.peak_flops("cuda:0") == peak and tg.peak_flops("cuda:0", bf16=False) is None, name
+        assert peak_flops("cuda:0") == peak and peak_flops("cuda:0", bf16=False) is None, name
 
 
 def test_resume_keeps_the_optimizers_implementation():
