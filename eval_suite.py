@@ -275,7 +275,9 @@ class GPTLM(TemplateLM):
 
         idx = torch.tensor(prompts, dtype=torch.long, device=self._device)  # (B, T)
         B, T = idx.shape
-        cache = KVCache(self.model.config, B, T + max_new, self._device, self.model.lm_head.weight.dtype)
+        # keys and values in the dtype attention computes in (autocast's, else the weights'): no cast of the prefix
+        dtype = self.autocast_dtype or self.model.lm_head.weight.dtype
+        cache = KVCache(self.model.config, B, T + max_new, self._device, dtype)
         made: list[list[int]] = [[] for _ in range(B)]
         done = [False] * B
         last = torch.zeros(B, T, dtype=torch.bool, device=self._device)

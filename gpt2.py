@@ -273,8 +273,11 @@ class GPT(nn.Module):
             raise ValueError(f"prompt of {T} tokens + {max_new_tokens} new tokens exceeds "
                              f"block_size={self.config.block_size}: shorten the prompt or ask for fewer tokens")
         cache = None
-        if use_cache:
-            cache = KVCache(self.config, B, T + max_new_tokens, idx.device, self.lm_head.weight.dtype)
+        if use_cache:  # in the dtype attention computes in: under autocast, its dtype, not the fp32 weights'
+            device_type = idx.device.type
+            autocast = torch.is_autocast_enabled(device_type)
+            dtype = torch.get_autocast_dtype(device_type) if autocast else self.lm_head.weight.dtype
+            cache = KVCache(self.config, B, T + max_new_tokens, idx.device, dtype)
         vocab = self.real_vocab_size()  # never sample a padding token
         out, step_in = idx, idx
         for _ in range(max_new_tokens):
@@ -286,7 +289,7 @@ class GPT(nn.Module):
                 logits = logits / temperature
                 if top_k:  # None or 0: every token
                     v, _ = torch.topk(logits, min(top_k, vocab))
-                    logits[logits < v[:, [-1]]] = -float("inf")
+                    logits.masked_fill_(logits < v[:, [-1]], -float("inf"))  # no host sync, unlike a masked assignment
                 probs = F.softmax(logits, dim=-1)
                 nxt = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
             out = torch.cat((out, nxt), dim=1)
@@ -393,6 +396,12 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     softcap > 0 caps the logits first, z -> softcap * tanh(z / softcap) (in fp32), as GPT.forward does; the
     chain rule then multiplies the logits' gradient by 1 - tanh^2.
+
+    float16: the logits' gradient is computed before the loss scale (GradScaler's) reaches it, and its entries
+    for unlikely tokens (~1 / (vocab x count)) lie below float16's smallest number. So it goes into float16 times
+    the largest power of two A that keeps it and both matmuls' results within float16's range (fp16_scale), and
+    the results are divided by A in fp32: autograd's float16 loss, whose gradient carries the loss scale, is as
+    exact. bfloat16 has float32's range and takes the plain path.
     """
 
     @staticmethod
@@ -402,6 +411,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h) if grads and ctx.needs_input_grad[0] else None  # (N, C)
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if grads and ctx.needs_input_grad[1] else None
         w = weight.to(dtype)  # (V, C)
+        w_max = torch.linalg.vector_norm(weight.detach(), float("inf")) if dtype == torch.float16 else None
         w_in = w / softcap if softcap > 0 else w  # the cap's 1/softcap folded into the (V, C) matrix, not (n, V)
         # the capped logits' buffer, allocated once: a fresh (n, V) tensor per chunk costs its page faults each time
         capped = torch.empty(min(chunk, h.size(0)), w.size(0), device=h.device) if softcap > 0 else None
@@ -420,11 +430,15 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             g.scatter_add_(1, yc[:, None], torch.full_like(lse[:, None], -1.0))  # - one-hot
             if softcap > 0:
                 g.addcmul_(g, tanh.square_(), value=-1.0)  # x (d capped / d raw = 1 - tanh^2), in one pass
-            g = g.mul_((vc / count)[:, None]).to(dtype)  # d(mean loss)/d logits (n, V); ignored rows 0
+            if w_max is None:
+                g, unscale = g.mul_((vc / count)[:, None]).to(dtype), None  # d(mean loss)/d logits; ignored rows 0
+            else:  # float16: times A, the gradient over the count in fp32 after the matmuls
+                scale = fp16_scale(g.mul_(vc[:, None]), hc, w_max)
+                g, unscale = g.mul_(scale).to(dtype), 1.0 / (scale * count)
             if grad_h is not None:
-                grad_h[i:i + chunk] = g @ w
+                grad_h[i:i + chunk] = g @ w if unscale is None else (g @ w).float() * unscale
             if grad_w is not None:
-                grad_w += (g.T @ hc).float()
+                grad_w += (g.T @ hc).float() if unscale is None else (g.T @ hc).float() * unscale
         ctx.save_for_backward(grad_h, grad_w)
         return loss / count
 
@@ -434,6 +448,15 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         return (grad_h * grad_loss if grad_h is not None else None,
                 grad_w * grad_loss if grad_w is not None else None, None, None, None, None, None)
+
+
+def fp16_scale(g: torch.Tensor, hc: torch.Tensor, w_max: torch.Tensor) -> torch.Tensor:
+    """The largest power of two A for which g * A (g: softmax - one-hot, (n, V), each row's |entries| summing to
+    at most 2), (g * A) @ w and (g * A).T @ hc all stay within float16's largest number, 65504: a row of g @ w is
+    at most 2 max|w|, a column of g.T @ hc at most (its column's sum of |g|) max|hc|. A 0-d tensor: no sync."""
+    col = torch.linalg.vector_norm(g, 1, dim=0).max()  # the largest column sum of |g|
+    worst = torch.maximum(2 * w_max.float(), col * torch.linalg.vector_norm(hc, float("inf")).float())
+    return torch.exp2(torch.floor(torch.log2(65504.0 / worst.clamp(min=1.0))))
 
 
 def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,

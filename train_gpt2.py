@@ -40,6 +40,7 @@ from support.distributed import (
     all_reduce_or_raise,
     all_reduce_sum,
     barrier,
+    deterministic_kernels,
     on_every_rank,
     resolve_dtype,
     set_collective_timeout,
@@ -54,7 +55,7 @@ from support.hf import export_main, read_model
 from support.long_runs import LongRunConfig, SpikeGuard, StopSignal
 from support.metrics import Metrics, TrackerConfig, duration, flops_per_token, peak_flops, peak_memory
 from support.modern_optim import base_lr, configure_muon, cooldown_steps, get_wsd_lr, muon_momentum, optimizer_lines
-from support.planner import GPU_MEMORY_GIB, PlanConfig, plan_report
+from support.planner import GPU_MEMORY_GIB, PlanConfig, logits_warning, plan_report, usable_gib
 from support.sampling import SAMPLE_FLAG_ALIASES, SampleConfig, sample_main, sample_text
 from support.sharding import MemoryConfig
 from support.tokenizer import TokenizerError, get_tokenizer
@@ -118,6 +119,7 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda:LOCAL_RANK, mps or cpu), or cpu, cuda, mps, cuda:1 (one process only)
     dtype: str = "auto"  # autocast: bfloat16, float16 (scaled loss), float32; auto: bf16 on CUDA (or fp16), else fp32
     compile: bool | None = None  # torch.compile the training step (default: on CUDA only)
+    deterministic: bool = False  # deterministic kernels only: a resumed GPU run bitwise the same (slower); CPU: always
     seed: int = 1337  # model init and --shuffle
     shuffle: bool = False  # permute shards and windows each epoch (default: in order, as the reference)
     # the machinery's options
@@ -330,6 +332,8 @@ def set_schedule(run: Run, step: int) -> tuple[float, float | None]:
 # -----------------------------------------------------------------------------
 # The run: one plain record of everything the loop works with, made by setup()
 
+UNTIMED_STEPS = 10  # --target-val-loss's clock starts after each process's first steps (compilation, warm-up)
+
 
 @dataclass
 class Run:
@@ -352,7 +356,8 @@ class Run:
     start_step: int = 0
     val_loss: float | None = None
     muon: torch.optim.Muon | None = None  # --optimizer muon's, beside `optimizer` (then AdamW on the rest)
-    train_time: float = 0.0  # seconds in training steps since step 0, across resumes (--target-val-loss reports it)
+    train_time: float = 0.0  # seconds in timed training steps, across resumes (--target-val-loss reports it)
+    timed_from: int = UNTIMED_STEPS  # the first step train_time counts: this process's first + UNTIMED_STEPS
 
     @property
     def optimizers(self) -> list[torch.optim.Optimizer]:
@@ -434,8 +439,10 @@ def wrap_model(raw_model: GPT, cfg: TrainConfig, dist: Dist) -> tuple[nn.Module,
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     device_ids = [torch.device(dist.device).index] if dist.device_type == "cuda" else None
-    # no buffer broadcast before every forward: the only buffers are RoPE's cos/sin tables, the same on every rank
-    return compiled, DDP(compiled, device_ids=device_ids, broadcast_buffers=False), use_compile
+    # no buffer broadcast before every forward: the only buffers are RoPE's cos/sin tables, the same on every rank;
+    # the gradients are views into DDP's all-reduce buckets, not a second copy of them (4 bytes a parameter)
+    ddp = DDP(compiled, device_ids=device_ids, broadcast_buffers=False, gradient_as_bucket_view=True)
+    return compiled, ddp, use_compile
 
 
 def loss_scaler(autocast_dtype: torch.dtype | None, cfg: TrainConfig, dist: Dist) -> torch.amp.GradScaler | None:
@@ -476,6 +483,7 @@ def setup(cfg: TrainConfig, dist: Dist) -> Run:
     if ckpt is not None:
         checkpoints.restore_run(run, ckpt)
         del ckpt  # every rank holds it in host memory: model + Adam state, 1.5 GB at 124M, 18 GB for gpt2-xl
+    run.timed_from = run.start_step + UNTIMED_STEPS
     run.metrics = on_every_rank(lambda: Metrics(cfg, dist, run.start_step), dist, others("open its log"))
     _, restart, max_restarts = torchrun_attempt()
     if max_restarts > 0:  # where each attempt starts (also in restarts.txt)
@@ -493,11 +501,18 @@ def print_setup(run: Run, use_compile: bool) -> None:
                       f"{cfg.memory.shard} | grad accumulation {run.grad_accum} | {cfg.total_batch_size:,} tokens/step "
                       f"| compile {use_compile} | autocast {autocast_dtype or 'off'}"
                       f"{' with loss scaling' if run.scaler else ''}"
-                      f"{' | activation checkpointing' if cfg.memory.activation_checkpointing else ''}")
+                      f"{' | activation checkpointing' if cfg.memory.activation_checkpointing else ''}"
+                      f"{' | deterministic kernels' if cfg.deterministic else ''}")
     for line in recipes.recipe_lines(cfg) + optimizer_lines(cfg, run.optimizer, run.muon):
         run.metrics.print(line)
     if cfg.dtype == "auto" and autocast_dtype == torch.float16:
         run.metrics.print("--dtype auto: this GPU has no bfloat16, so float16 autocast with loss scaling")
+    if cfg.memory.shard == "fsdp" and cfg.memory.loss_chunk == 0 and dist.device_type == "cuda":
+        memory = torch.cuda.get_device_properties(dist.device).total_memory
+        tokens, dtype_bytes = cfg.micro_batch_size * cfg.seq_len, 4 if autocast_dtype is None else 2
+        warning = logits_warning(run.raw_model.config, tokens, dtype_bytes, memory)
+        if warning:
+            run.metrics.print(warning)
 
 
 # -----------------------------------------------------------------------------
@@ -616,7 +631,8 @@ def train_step(run: Run, step: int, stop: StopSignal) -> dict:
     optimizer_step(run, stats[3])
     loss_sum, stops, due, norm = stats.tolist()  # the step's one sync: queued after the update, it waits for it
     dt = time.perf_counter() - t0
-    run.train_time += dt
+    if step >= run.timed_from:  # the speedrun's clock: not the first steps of a process (compilation, warm-up)
+        run.train_time += dt
     loss, diverged = loss_sum / dist.world_size, None
     # float16: gradients that overflow were not applied (the scaler skipped the step); anything else non-finite
     # means the weights are lost: the run stops before any checkpoint holds them, or --spike-guard rewinds
@@ -677,10 +693,11 @@ def loop(run: Run, on_step=None) -> dict:
 
 def reached_target(run: Run, step: int, saved: list[str]) -> bool:
     """--target-val-loss: whether the evaluation at `step` (of the weights after steps 0..step-1) reached it. If so,
-    logs the speedrun's metric, the tokens trained (step x tokens per step) and the training time (Run.train_time:
-    the training steps' own time, compilation in the first ones included; evaluations, checkpoints and set-up not;
-    carried over resumes), and checkpoints those weights, as step - 1. Every rank decides alike (the val loss is
-    all-reduced), and every rank takes part in the checkpoint."""
+    logs the speedrun's metric, the tokens trained (step x tokens per step, from step 0) and the training time
+    (Run.train_time: the training steps' own time, as the records time it: each process's first UNTIMED_STEPS
+    steps left out, which compile and warm up; evaluations, checkpoints and set-up not counted; carried over
+    resumes), and checkpoints those weights, as step - 1. Every rank decides alike (the val loss is all-reduced),
+    and every rank takes part in the checkpoint."""
     cfg, metrics = run.cfg, run.metrics
     if not cfg.target_val_loss or run.val_loss > cfg.target_val_loss:
         return False
@@ -691,8 +708,9 @@ def reached_target(run: Run, step: int, saved: list[str]) -> bool:
         saved.append(str(path))
     what = f"saved {path}" if path else "nothing trained yet"
     metrics.print(f"--target-val-loss {cfg.target_val_loss} reached: val loss {run.val_loss:.4f} after {step:,} "
-                  f"steps, {tokens:,} tokens, {duration(run.train_time)} of training steps; stopped ({what}; to go "
-                  "on: --resume --target-val-loss 0)")
+                  f"steps, {tokens:,} tokens, {duration(run.train_time)} of training (the time of steps "
+                  f"{UNTIMED_STEPS}..{step - 1}, each process's first {UNTIMED_STEPS} left out: compilation, warm-up); "
+                  f"stopped ({what}; to go on: --resume --target-val-loss 0)")
     return True
 
 
@@ -700,21 +718,22 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
     """Run training; returns the history: every metric by step, the checkpoints written, the last step.
     on_step(step, stats) is called after every optimizer step (tests, notebooks, the benchmark): stats
     holds loss, lr, norm, dt (seconds), tokens_per_sec, mfu (None off a known GPU), stop, model."""
-    dist = setup_distributed(cfg.device)
-    run, failed = None, True
-    try:
-        run = setup(cfg, dist)
-        history = loop(run, on_step)
-        run.metrics.print(peak_memory(dist))
-        barrier()  # the ranks leave together: Gloo aborts if a peer leaves mid-connection
-        failed = False
-        return history
-    finally:
+    with deterministic_kernels(cfg.deterministic):  # before anything runs on the GPU
+        dist = setup_distributed(cfg.device)
+        run, failed = None, True
         try:
-            if run is not None:
-                run.metrics.close(failed)
+            run = setup(cfg, dist)
+            history = loop(run, on_step)
+            run.metrics.print(peak_memory(dist))
+            barrier()  # the ranks leave together: Gloo aborts if a peer leaves mid-connection
+            failed = False
+            return history
         finally:
-            teardown_distributed()
+            try:
+                if run is not None:
+                    run.metrics.close(failed)
+            finally:
+                teardown_distributed()
 
 
 # -----------------------------------------------------------------------------
@@ -725,7 +744,8 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
 def plan_main(argv: list[str]) -> None:
     p = build_train_parser()
     p.prog, p.description = "train_gpt2.py plan", "What a training run's configuration needs per GPU, and costs."
-    p.epilog = f"GPUs (--gpu): {', '.join(f'{k} {v} GiB' for k, v in GPU_MEMORY_GIB.items())}. " + p.epilog
+    usable = ", ".join(f"{gpu} {sold} ({usable_gib(gpu)})" for gpu, sold in GPU_MEMORY_GIB.items())
+    p.epilog = f"GPUs (--gpu), GiB as sold (usable): {usable}. " + p.epilog
     add_dataclass_flags(p, PlanConfig, extra={"gpu": dict(choices=sorted(GPU_MEMORY_GIB))})
     names = {f.name for f in dataclasses.fields(PlanConfig)}
     args = vars(p.parse_args(argv))

@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # Every user-facing entry point end to end, most important first, on synthetic data and random-init models
-# (no network): each stage prints what it measured and its exit status; the script exits non-zero if any
-# stage failed. On a GPU it runs the real shapes (GPT-2 124M, micro-batch 64) in a few minutes; on a CPU the
-# same stages with tiny shapes (a test runs it that way in CI).
+# (no network): each stage prints what it measured, its exit status and its time; the script exits non-zero if
+# any stage failed, and ends with the total time. On a GPU it runs the real shapes (GPT-2 124M, micro-batch 64);
+# on a CPU the same stages with tiny shapes (tests/test_smoke.py runs both modes that way in CI).
 #
-#     bash bench/smoke.sh              # the GPU where there is one, else the CPU
-#     bash bench/smoke.sh cpu          # force a device (cpu, cuda, cuda:1, mps)
+#     bash bench/smoke.sh              # the GPU where there is one, else the CPU: every stage
+#     bash bench/smoke.sh --quick      # a first check of a GPU: each entry point once, one cold compile of each
+#                                      # recipe, HellaSwag on 1,000 examples, one checkpoint + resume, the
+#                                      # HellaSwag and generation benchmarks short; no fp16/FSDP/bench_train stages
+#     bash bench/smoke.sh cpu          # force a device (cpu, cuda, cuda:1, mps); --quick goes first
 #     SMOKE_DIR=/tmp/smoke bash bench/smoke.sh   # keep the run folder (default: a temporary one, removed)
 #     SMOKE_STAGE_TIMEOUT=300                    # seconds a stage may take before it counts as failed
 set -uo pipefail
 cd "$(dirname "$0")/.."
+QUICK=0; [[ ${1:-} == --quick ]] && { QUICK=1; shift; }
 PY=${PYTHON:-python}
 DEVICE=$($PY -c "import sys; from support.distributed import resolve_device; print(resolve_device(sys.argv[1]))" \
     "${1:-auto}") || exit 2
@@ -28,6 +32,10 @@ if [[ $DEVICE == cuda* ]]; then  # the default recipe's model and batch; a 12-st
     HELLA_EXAMPLES=10042 BENCH_B=64 BENCH_CHUNKS=0,8192 BENCH_COMPILE=on,off BENCH_STEPS=(--warmup 5 --steps 10)
     GEN=(--max-new-tokens 256 --repeats 3) HELLA_BENCH=(-m "$WORK/run/model_00011.pt" -n 10042 --batched-only)
     MODERN_COMPILE=--compile
+    if [ $QUICK = 1 ]; then
+        HELLA_EXAMPLES=1000 GEN=(--max-new-tokens 64 --repeats 1)
+        HELLA_BENCH=(-m "$WORK/run/model_00011.pt" -n 1000 --batched-only --repeats 1)
+    fi
 else  # tiny shapes, the same stages
     MODEL=(--n-layer 2 --n-head 2 --n-embd 64 --block-size 256) SEQ=64
     BATCH=(--micro-batch-size 4 --seq-len $SEQ --total-batch-size 512)
@@ -38,7 +46,7 @@ fi
 GEN_MODEL=()  # bench_generate's own: a random GPT-2 124M
 [[ $DEVICE == cuda* ]] || GEN_MODEL=(-m "$WORK/run/model_00011.pt")  # the 124M would take minutes on a CPU
 
-FAILED=()
+FAILED=() START=$SECONDS
 stage() {  # stage NAME COMMAND...: runs it, keeps its output in $WORK/NAME.log, prints its lines that matter
     local name=$1; shift
     echo "== $name: $*"
@@ -104,9 +112,10 @@ EOF
 
 # 2. the default recipe through the real command line: compile, autocast, fused AdamW (CUDA), accumulation,
 #    in-loop validation + HellaSwag + samples, a checkpoint; recompiles and graph breaks logged
+EVERY=6; [ $QUICK = 1 ] && EVERY=0  # quick: evaluations at steps 0 and 11, the one checkpoint at step 11
 TRAIN=(train_gpt2.py --data "$WORK/shards" --log-dir "$WORK/run" ${MODEL[@]+"${MODEL[@]}"} "${BATCH[@]}"
-       --device "$DEVICE" --compile --eval-interval 6 --val-steps 2 --hellaswag-file "$WORK/hellaswag_val.jsonl"
-       --num-samples 2 --checkpoint-interval 6 --warmup-steps 4)
+       --device "$DEVICE" --compile --eval-interval $((EVERY ? EVERY : 11)) --val-steps 2
+       --hellaswag-file "$WORK/hellaswag_val.jsonl" --num-samples 2 --checkpoint-interval $EVERY --warmup-steps 4)
 TORCH_LOGS=recompiles,graph_breaks stage train $PY "${TRAIN[@]}" --max-steps 12
 
 # 3. the checkpoint through every command that takes one, and a resumed run
@@ -128,19 +137,22 @@ stage modern_resume $PY "${MODERN[@]}" --resume
 #    process; FSDP over 2 ranks (Gloo on a CPU; on GPUs where there are 2)
 LEVERS=(train_gpt2.py --data "$WORK/shards" ${MODEL[@]+"${MODEL[@]}"} "${BATCH[@]}" --device "$DEVICE"
         --eval-interval 0 --no-hellaswag --num-samples 0 --max-steps 4 --warmup-steps 2 --checkpoint-interval 0)
-stage float16_ac $PY "${LEVERS[@]}" --log-dir "$WORK/float16_ac" --dtype float16 --activation-checkpointing
+[ $QUICK = 1 ] || stage float16_ac $PY "${LEVERS[@]}" --log-dir "$WORK/float16_ac" --dtype float16 \
+    --activation-checkpointing
 GPUS=$(nvidia-smi -L 2>/dev/null | grep -c GPU)
-if [[ $DEVICE != cuda* ]] || [ "$GPUS" -ge 2 ]; then
+if [ $QUICK = 0 ] && { [[ $DEVICE != cuda* ]] || [ "$GPUS" -ge 2 ]; }; then
     DEV=(); [[ $DEVICE == cuda* ]] && DEV=(--device auto)  # under torchrun each rank takes its own GPU
     stage fsdp $PY -m torch.distributed.run --standalone --nproc_per_node 2 "${LEVERS[@]}" --log-dir "$WORK/fsdp" \
         --shard fsdp --activation-checkpointing ${DEV[@]+"${DEV[@]}"}
 fi
 
 # 5. the benchmarks
-stage bench_train $PY bench/bench_train.py ${MODEL[@]+"${MODEL[@]}"} --seq-len "$SEQ" --device "$DEVICE" \
-    --micro-batch-sizes "$BENCH_B" --compile "$BENCH_COMPILE" --loss-chunks "$BENCH_CHUNKS" "${BENCH_STEPS[@]}"
+[ $QUICK = 1 ] || stage bench_train $PY bench/bench_train.py ${MODEL[@]+"${MODEL[@]}"} --seq-len "$SEQ" \
+    --device "$DEVICE" --micro-batch-sizes "$BENCH_B" --compile "$BENCH_COMPILE" --loss-chunks "$BENCH_CHUNKS" \
+    "${BENCH_STEPS[@]}"
 stage bench_hellaswag $PY bench/bench_hellaswag.py -d "$DEVICE" "${HELLA_BENCH[@]}"  # GPU: the 124M checkpoint
 stage bench_generate $PY bench/bench_generate.py --device "$DEVICE" ${GEN_MODEL[@]+"${GEN_MODEL[@]}"} "${GEN[@]}"
 
-if [ ${#FAILED[@]} -gt 0 ]; then echo "smoke: FAILED: ${FAILED[*]} (logs in $WORK)"; exit 1; fi
-echo "smoke: all stages ok on $DEVICE"
+MODE=all; [ $QUICK = 1 ] && MODE=quick
+if [ ${#FAILED[@]} -gt 0 ]; then echo "smoke: FAILED: ${FAILED[*]} (logs in $WORK; $((SECONDS - START)) s)"; exit 1; fi
+echo "smoke: $MODE stages ok on $DEVICE in $((SECONDS - START)) s"

@@ -62,9 +62,45 @@ def resolve_dtype(dtype: str, device_type: str) -> torch.dtype | None:
 
 
 def use_tf32(device_type: str) -> None:
-    """On CUDA, fp32 matmuls on TF32 tensor cores (the lecture's torch.set_float32_matmul_precision("high"))."""
+    """On CUDA, fp32 matmuls (and convolutions) on TF32 tensor cores: the lecture's
+    torch.set_float32_matmul_precision("high"), through the fp32_precision settings that replace it (torch >= 2.9
+    warns about the old call, on every rank)."""
     if device_type == "cuda":
-        torch.set_float32_matmul_precision("high")
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+
+
+@contextmanager
+def deterministic_kernels(on: bool):
+    """--deterministic: for its duration, kernels that give the same bits on every run, so that a resumed GPU run
+    equals the uninterrupted one bitwise, as every run does on a CPU. torch.use_deterministic_algorithms (an op
+    with no deterministic kernel is an error, never silently nondeterministic; SDPA's flash backward takes its
+    deterministic path), cuBLAS's fixed workspace (CUBLAS_WORKSPACE_CONFIG, read when cuBLAS starts: set before the
+    first matmul), SDPA's cuDNN and memory-efficient kernels off (their backward is not deterministic), and
+    Inductor's deterministic mode (no autotuning by timing). Slower; what it costs on a GPU is not measured here.
+    Everything is as it was after."""
+    if not on:
+        yield
+        return
+    import torch._inductor.config as inductor
+
+    cuda = torch.backends.cuda
+    saved = (torch.are_deterministic_algorithms_enabled(), os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+             cuda.cudnn_sdp_enabled(), cuda.mem_efficient_sdp_enabled(), inductor.deterministic)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    cuda.enable_cudnn_sdp(False)
+    cuda.enable_mem_efficient_sdp(False)
+    inductor.deterministic = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0])
+        if saved[1] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        cuda.enable_cudnn_sdp(saved[2])
+        cuda.enable_mem_efficient_sdp(saved[3])
+        inductor.deterministic = saved[4]
 
 
 def setup_precision(dtype: str, device_type: str) -> torch.dtype | None:

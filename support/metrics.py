@@ -8,6 +8,7 @@ Also what a step's throughput is measured against: the FLOPs per token (MFU) and
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -142,6 +143,8 @@ class Metrics:
         for tracker in self.trackers:
             tracker.log(step, values)
         text = [self.FORMATS[k][1].format(1000 * v if k == "dt" else v) for k, v in values.items()]
+        if "train" in values and self.clock is None:  # this process's first step: it compiled and warmed up
+            note = " ".join(filter(None, [note, "(first step: dt, tok/sec and mfu include compilation, warm-up)"]))
         eta = [self.eta(step)] if "train" in values else []
         self.print(" | ".join([self.progress(step), *text, *([note] if note else []), *eta]))
 
@@ -163,20 +166,28 @@ class Metrics:
             tracker.close(failed)
 
 
-# dense bf16 tensor-core peaks per GPU from NVIDIA's data sheets, the most specific name first
-# (the first substring of torch.cuda.get_device_name that matches wins); TF32 is half of these
-PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12, "H100": 989e12, "H200": 989e12,
-                   "GH200": 989e12, "A100": 312e12,
-                   "V100": 125e12, "T4": 65e12}  # fp16: these have no bf16
+# dense bf16 tensor-core peaks per GPU from NVIDIA's data sheets, by a pattern of torch.cuda.get_device_name's
+# words (whole words: "A100" is not "RTX A1000"), the most specific first: the first match wins. TF32 is half
+PEAK_BF16_FLOPS = [
+    (r"\bGB200\b", 2.5e15),  # a GB200's Blackwell GPU (1,200 W)
+    (r"\bB200\b", 2.25e15),  # HGX B200 (1,000 W)
+    (r"\bGH200\b", 989e12),
+    (r"\bH[12]00\b.*\bNVL\b", 835e12),
+    (r"\bH100\b.*\bPCIe\b", 756e12),
+    (r"\bH[12]00\b", 989e12),  # SXM
+    (r"\bA100\b", 312e12),
+    (r"\bV100\b", 125e12),  # fp16: V100 and T4 have no bf16, nor TF32
+    (r"\bT4\b", 65e12),
+]
 
 
 def peak_for_name(name: str, bf16: bool = True) -> float | None:
     """Peak matmul FLOP/s of a GPU by its name: bf16 (fp16) tensor cores, or TF32 for fp32 matmuls (half of
     that; None before Ampere, which has no TF32). None when unknown."""
-    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    peak = next((v for pattern, v in PEAK_BF16_FLOPS if re.search(pattern, name, re.IGNORECASE)), None)
     if peak is None or bf16:
         return peak
-    return None if any(old in name for old in ("V100", "T4")) else peak / 2
+    return None if re.search(r"\b(V100|T4)\b", name) else peak / 2
 
 
 def peak_flops(device: str, bf16: bool = True) -> float | None:

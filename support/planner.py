@@ -17,6 +17,15 @@ from support.modern_optim import muon_groups
 GIB = 2**30
 GPU_MEMORY_GIB = {"H200": 141, "H100-80GB": 80, "A100-80GB": 80, "A100-40GB": 40, "L40S": 48, "A10": 24, "L4": 24,
                   "RTX-4090": 24, "RTX-3090": 24, "V100-32GB": 32, "V100-16GB": 16, "T4": 16}  # as sold
+# what CUDA reports a GPU holds (torch.cuda.get_device_properties(d).total_memory): 79.1 GiB of an H100's 80, 139.8
+# of an H200's 141; the others, as sold x 79.1/80 (an estimate: --gpu-memory gives the exact figure)
+USABLE_GIB = {"H100-80GB": 79.1, "H200": 139.8}
+
+
+def usable_gib(gpu: str) -> float:
+    return USABLE_GIB.get(gpu, round(GPU_MEMORY_GIB[gpu] * 79.1 / 80, 1))
+
+
 CUDA_ALLOWANCE_GIB = 1.5  # the CUDA context, cuBLAS/cuDNN workspaces, allocator fragmentation (an assumption)
 
 
@@ -99,19 +108,19 @@ def largest_micro_batch(cfg, gpus: int, memory: float, dtype_bytes: int) -> int 
 def plan_report(cfg, plan: PlanConfig) -> list[str]:
     """The plan, as printed."""
     c, gpus = cfg.model_config(), plan.gpus
-    memory = (plan.gpu_memory or GPU_MEMORY_GIB[plan.gpu]) * GIB
+    memory = (plan.gpu_memory or usable_gib(plan.gpu)) * GIB
     dtype_bytes = 4 if cfg.dtype == "float32" else 2  # auto: bf16 (or fp16) on CUDA
     dtype = {"auto": "bf16", "bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[cfg.dtype]
     parts = plan_memory(cfg, gpus, cfg.micro_batch_size, dtype_bytes)
     total, accum = sum(parts.values()), cfg.total_batch_size // (cfg.micro_batch_size * cfg.seq_len * gpus)
     lines = [f"{c.num_parameters():,} parameters ({c.n_layer} layers, {c.n_head} heads, {c.n_embd} wide) on {gpus} x "
-             f"{plan.gpu} ({memory / GIB:.0f} GiB) | --shard {cfg.memory.shard} | activation checkpointing "
+             f"{plan.gpu} ({memory / GIB:.1f} GiB usable) | --shard {cfg.memory.shard} | activation checkpointing "
              f"{'on' if cfg.memory.activation_checkpointing else 'off'} | {dtype} autocast | "
              f"--optimizer {cfg.optimizer}",
              f"micro-batch {cfg.micro_batch_size} x {cfg.seq_len} tokens, gradient accumulation {accum}", "per GPU:"]
     lines += [f"  {name:<40} {v / GIB:8.2f} GiB" for name, v in parts.items() if v]
     verdict = "fits" if total <= memory else "does NOT fit"
-    lines.append(f"  {'total':<40} {total / GIB:8.2f} GiB of {memory / GIB:.0f}: {verdict}")
+    lines.append(f"  {'total':<40} {total / GIB:8.2f} GiB of {memory / GIB:.1f}: {verdict}")
     best = largest_micro_batch(cfg, gpus, memory, dtype_bytes)
     lines.append(f"largest micro-batch that fits: {best}" if best else "no micro-batch fits: add --shard fsdp, "
                  "--activation-checkpointing, --loss-chunk 8192 or GPUs")
@@ -133,3 +142,15 @@ def plan_cost(cfg, plan: PlanConfig) -> list[str]:
     return [f"run: {cfg.max_steps:,} steps x {cfg.total_batch_size:,} tokens = {tokens / 1e9:.1f}B tokens",
             f"at {speed:,.0f} tokens/s ({source}): {hours:,.1f} hours, {hours * plan.gpus:,.0f} GPU-hours, "
             f"${hours * plan.gpus * plan.price:,.0f} at ${plan.price:.2f} a GPU-hour (--price)"]
+
+
+def logits_warning(c: GPTConfig, tokens: int, dtype_bytes: int, gpu_memory: float) -> str | None:
+    """--shard fsdp with --loss-chunk 0: only the blocks are compiled, so the output layer and its loss run
+    eagerly, with all of a micro-batch's logits at once. A one-line warning where they would take more than a
+    quarter of the GPU's memory (gpu_memory, bytes), by this planner's count (logits_bytes); else None."""
+    need = logits_bytes(c, tokens, dtype_bytes, 0)
+    if need <= gpu_memory / 4:
+        return None
+    return (f"warning: under --shard fsdp the output layer runs eagerly: a micro-batch's {tokens:,} tokens of logits "
+            f"take {need / GIB:.1f} GiB of this GPU's {gpu_memory / GIB:.1f}; --loss-chunk 8192 computes them 8,192 "
+            "tokens at a time")

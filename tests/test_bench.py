@@ -12,7 +12,7 @@ import torch
 
 import gpt2
 import train_gpt2
-from bench import bench_fineweb, bench_generate, bench_hellaswag, bench_recipe, bench_train
+from bench import bench_fineweb, bench_generate, bench_hellaswag, bench_loss_precision, bench_recipe, bench_train
 from support.checkpoints import save_checkpoint
 
 
@@ -35,6 +35,13 @@ def test_bench_generate_same_tokens(tmp_path, capsys):
     bench_generate.main(["-m", str(ckpt), "--device", "cpu", "--max-new-tokens", "12", "--repeats", "1"])
     out = capsys.readouterr().out
     assert "same tokens both ways: yes" in out and re.search(r"speed-up: [\d.]+x", out), out
+
+
+def test_bench_loss_precision_small(capsys):
+    bench_loss_precision.main(["--tokens", "128", "--n-embd", "16", "--chunk", "64"])
+    rows = re.findall(r"^\| (float16|bfloat16) \| ([\d.]+)% \| ([\d.]+)% \|", capsys.readouterr().out, re.M)
+    assert [r[0] for r in rows] == ["float16", "bfloat16"]
+    assert all(float(chunked) <= 2 * float(full) for _, full, chunked in rows), rows
 
 
 def test_bench_fineweb_small(tmp_path, capsys):

@@ -206,8 +206,10 @@ def test_fsdp_lowers_peak_memory_per_rank(tmp_path):
         assert out.returncode == 0, out.stderr[-3000:]
         m = re.search(r"^peak memory per rank ([\d.]+), ([\d.]+) GiB \(resident\)$", out.stdout, re.M)
         peaks[shard] = float(m[1]), float(m[2])
-    # rank 1 (rank 0 also gathers the whole checkpoint at the end). Measured here: 1.46 GiB under ddp, 1.04 under fsdp
-    assert peaks["fsdp"][1] < peaks["ddp"][1] - 0.25, peaks
+    # rank 1 (rank 0 also gathers the whole checkpoint at the end). Measured here: 1.27 GiB under ddp (its gradients
+    # views into its all-reduce buckets: 1.46 with a copy of them beside), 1.05 under fsdp. fsdp holds half of the
+    # 16 bytes a parameter here, less what it gathers: at least a quarter of them saved, 51M x 16 / 4 B = 0.19 GiB
+    assert peaks["fsdp"][1] < peaks["ddp"][1] - 0.19, peaks
 
 
 COUNT_REDUCE_SCATTERS = """

@@ -119,7 +119,8 @@ def gib(out: str, name: str) -> float:
 def test_plan_124m_ddp_by_hand(capsys):
     out = plan("--preset", "gpt2", "--gpus", "8", "--gpu", "H100-80GB", capsys=capsys)
     # P = 50304*768 (wte = lm_head) + 1024*768 (wpe) + 12*(12*768^2 + 13*768) + 2*768 = 124,475,904
-    assert "124,475,904 parameters (12 layers, 12 heads, 768 wide) on 8 x H100-80GB (80 GiB) | --shard ddp" in out
+    assert ("124,475,904 parameters (12 layers, 12 heads, 768 wide) on 8 x H100-80GB (79.1 GiB usable) | --shard ddp"
+            in out)
     assert "micro-batch 64 x 1024 tokens, gradient accumulation 1" in out  # 524,288 / (64 * 1024 * 8)
     # 4P = 497,903,616 bytes = 0.46 GiB each for the weights, gradients and DDP's buckets; AdamW 8P = 0.93 GiB;
     # autocast's bf16 copies 2P = 0.23 GiB
@@ -130,7 +131,7 @@ def test_plan_124m_ddp_by_hand(capsys):
     assert gib(out, "activations") == 20.67
     # 65,536 tokens x 50,304 x (4 log-probabilities + 2 bf16 logits + 4 their fp32 copy) bytes = 30.70 GiB
     assert gib(out, "logits and loss") == 30.70
-    assert "total                                       55.43 GiB of 80: fits" in out
+    assert "total                                       55.43 GiB of 79.1: fits" in out  # what CUDA reports
     assert "largest micro-batch that fits: 64" in out
     assert "19,073 steps x 524,288 tokens = 10.0B tokens" in out
     # 0.4 * 989e12 * 8 / (6 * 124,475,904 + 6 * 12 * 768 * 1024) FLOPs a token = 3,938,873 tokens/s
@@ -142,7 +143,7 @@ def test_plan_124m_ddp_by_hand(capsys):
     ("gpt2-xl", "does NOT fit", 8, "33.6B")])
 def test_plan_every_preset(preset, fits, largest, tokens, capsys):
     out = plan("--preset", preset, capsys=capsys)
-    assert f"GiB of 80: {fits}" in out and f"largest micro-batch that fits: {largest}\n" in out and tokens in out
+    assert f"GiB of 79.1: {fits}" in out and f"largest micro-batch that fits: {largest}\n" in out and tokens in out
 
 
 def test_plan_sharding_and_checkpointing_lower_the_memory(capsys):
@@ -155,7 +156,29 @@ def test_plan_sharding_and_checkpointing_lower_the_memory(capsys):
     assert "whole gradients between micro-steps" in fsdp and "whole gradients" not in sharded
     assert total(sharded) == pytest.approx(total(fsdp) - gib(fsdp, "whole gradients between micro-steps"), abs=0.01)
     assert gib(fsdp, "AdamW state (fp32 m, v)") == pytest.approx(gib(ddp, "AdamW state (fp32 m, v)") / 8, abs=0.01)
-    assert "GiB of 80: fits" in fsdp
+    assert "GiB of 79.1: fits" in fsdp
+
+
+def test_plan_counts_what_cuda_reports_a_gpu_holds(capsys):
+    """79.1 GiB of an H100's 80 and 139.8 of an H200's 141 (torch.cuda.get_device_properties' total_memory): a plan
+    that fits 80 GiB but not 79.1 does not fit; --gpu-memory overrides."""
+    from support.planner import GPU_MEMORY_GIB, usable_gib
+
+    assert (usable_gib("H100-80GB"), usable_gib("H200")) == (79.1, 139.8)
+    assert all(usable_gib(gpu) < sold for gpu, sold in GPU_MEMORY_GIB.items())
+    out = plan("--preset", "gpt2", "--gpu", "H200", capsys=capsys)
+    assert "on 8 x H200 (139.8 GiB usable)" in out and "GiB of 139.8: fits" in out
+    assert "(79.5 GiB usable)" in plan("--preset", "gpt2", "--gpu-memory", "79.5", capsys=capsys)
+
+
+def test_fsdp_warns_where_the_eager_logits_would_not_fit():
+    """Under --shard fsdp the output layer runs eagerly: all of a micro-batch's logits at once (planner's count)."""
+    from support.planner import logits_warning
+
+    c = gpt2.GPTConfig(vocab_size=50304)
+    warning = logits_warning(c, 64 * 1024, 2, 79.1 * 2**30)  # GPT-2's micro-batch 64 in bf16: 30.7 GiB of 79.1
+    assert warning and "65,536 tokens of logits take 30.7 GiB of this GPU's 79.1; --loss-chunk 8192" in warning
+    assert logits_warning(c, 8 * 1024, 2, 79.1 * 2**30) is None  # 3.8 GiB
 
 
 def test_plan_errors_and_measured_speed(capsys):

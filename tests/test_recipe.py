@@ -384,38 +384,50 @@ def test_a_spike_rewind_restores_muon_too(tmp_path):
 # --target-val-loss
 
 
+def first_new_low(val: dict, after: int) -> tuple[int, float]:
+    """The first evaluation past step `after` whose loss is below every one before it, and a target between the
+    two: the evaluation a --target-val-loss of that target stops at."""
+    s = next(s for s in sorted(val) if s > after and val[s] < min(v for t, v in val.items() if t < s))
+    return s, (val[s] + min(v for t, v in val.items() if t < s)) / 2
+
+
 def test_target_val_loss_stops_at_the_first_evaluation_below_it(shards, tmp_path, capsys):
-    args = lambda d, *x: tiny_args(shards, d, "--eval-interval", "2", *x, steps=12)
+    """The tokens from step 0, the time of steps 10..s-1 (as the records time them: a process's first 10 steps
+    compile and warm up)."""
+    args = lambda d, *x: tiny_args(shards, d, "--eval-interval", "2", *x, steps=20)
     val = run(args(tmp_path / "full"))["val"]
-    assert val[4] < min(val[0], val[2])
-    target = (val[4] + min(val[0], val[2])) / 2  # reached first at step 4
+    s, target = first_new_low(val, after=10)
     capsys.readouterr()
     history = run(args(tmp_path / "r", "--target-val-loss", f"{target:.6f}"))
     out = capsys.readouterr().out
-    assert sorted(history["train"]) == [0, 1, 2, 3] and sorted(history["val"]) == [0, 2, 4]
-    assert history["target_tokens"] == {4: 4 * 64}  # 4 steps of 64 tokens
-    assert history["target_time"][4] == pytest.approx(sum(history["dt"].values()), rel=1e-12)
-    assert history["checkpoints"][-1] == str(tmp_path / "r" / "model_00003.pt")  # the weights it measured
-    ckpt = checkpoint_tensors(tmp_path / "r" / "model_00003.pt")
-    assert ckpt["val_loss"] == history["val"][4] and ckpt["train_time"] == history["target_time"][4]
+    assert sorted(history["train"]) == list(range(s)) and sorted(history["val"]) == list(range(0, s + 1, 2))
+    assert history["target_tokens"] == {s: s * 64}  # s steps of 64 tokens
+    timed = sum(dt for step, dt in history["dt"].items() if step >= 10)
+    assert timed > 0 and history["target_time"][s] == pytest.approx(timed, rel=1e-12)
+    assert history["checkpoints"][-1] == str(tmp_path / "r" / f"model_{s - 1:05d}.pt")  # the weights it measured
+    ckpt = checkpoint_tensors(tmp_path / "r" / f"model_{s - 1:05d}.pt")
+    assert ckpt["val_loss"] == history["val"][s] and ckpt["train_time"] == history["target_time"][s]
     log = (tmp_path / "r" / "log.txt").read_text()
-    assert "4 target_tokens 256\n" in log and re.search(r"^4 target_time \d+\.\d{3}$", log, re.M)
+    assert f"{s} target_tokens {s * 64}\n" in log and re.search(rf"^{s} target_time \d+\.\d{{3}}$", log, re.M)
     given = re.escape(str(float(f"{target:.6f}")))
-    assert re.search(rf"^--target-val-loss {given} reached: val loss {val[4]:.4f} after 4 steps, 256 tokens, "
-                     rf"\d+s of training steps; stopped \(saved {re.escape(str(tmp_path))}/r/model_00003.pt; to go on: "
-                     r"--resume --target-val-loss 0\)$", out, re.M), out
+    assert re.search(rf"^--target-val-loss {given} reached: val loss {val[s]:.4f} after {s} steps, {s * 64} tokens, "
+                     rf"\d+s of training \(the time of steps 10\.\.{s - 1}, each process's first 10 left out: "
+                     rf"compilation, warm-up\); stopped \(saved {re.escape(str(tmp_path))}/r/model_{s - 1:05d}.pt; "
+                     r"to go on: --resume --target-val-loss 0\)$", out, re.M), out
 
 
 def test_target_val_loss_counts_the_training_time_across_a_resume(shards, tmp_path):
+    """Steps 0..11, then a resume from 12: the timed steps are 10, 11 of the first process and 22.. of the second."""
     args = lambda *x: tiny_args(shards, tmp_path / "r", "--eval-interval", "2", "--checkpoint-interval", "100", *x,
-                                steps=12)
-    first = run(args("--stop-after-step", "2"))
-    assert checkpoint_tensors(tmp_path / "r" / "model_00002.pt")["train_time"] == sum(first["dt"].values())
-    val = run(tiny_args(shards, tmp_path / "full", "--eval-interval", "2", steps=12))["val"]
-    second = run(args("--resume", "--target-val-loss", f"{(val[6] + min(val[s] for s in (0, 2, 4))) / 2:.6f}"))
-    assert sorted(second["target_time"]) == [6]
-    spent = sum(first["dt"].values()) + sum(second["dt"].values())  # steps 0-2, then 3-5
-    assert second["target_time"][6] == pytest.approx(spent, rel=1e-12)
+                                steps=30)
+    first = run(args("--stop-after-step", "11"))
+    first_timed = first["dt"][10] + first["dt"][11]
+    assert checkpoint_tensors(tmp_path / "r" / "model_00011.pt")["train_time"] == pytest.approx(first_timed, rel=1e-12)
+    s, target = first_new_low(run(tiny_args(shards, tmp_path / "full", "--eval-interval", "2", steps=30))["val"], 22)
+    second = run(args("--resume", "--target-val-loss", f"{target:.6f}"))
+    assert sorted(second["target_time"]) == [s]
+    spent = first_timed + sum(dt for step, dt in second["dt"].items() if step >= 22)
+    assert second["target_time"][s] == pytest.approx(spent, rel=1e-12)
 
 
 # -----------------------------------------------------------------------------

@@ -96,6 +96,21 @@ def test_cache_chunks_after_single_tokens(model):
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=0)
 
 
+def test_cache_holds_keys_in_the_autocast_dtype(model, monkeypatch):
+    """Under bf16 autocast the keys and values are bf16: a cache in the weights' fp32 would cast the whole prefix
+    back to bf16 at every new token. The tokens are the uncached ones, as in fp32."""
+    import gpt2
+
+    made = []
+    monkeypatch.setattr(gpt2, "KVCache", lambda *a: made.append(a[-1]) or KVCache(*a))
+    idx = prompt_ids()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cached = model.generate(idx, 8, temperature=0)
+        uncached = model.generate(idx, 8, temperature=0, use_cache=False)
+    model.generate(idx, 2, temperature=0)
+    assert made == [torch.bfloat16, torch.float32] and torch.equal(cached, uncached)
+
+
 def test_cache_overflow_is_a_value_error(model):
     cache = KVCache(model.config, 1, 8, "cpu", torch.float32)
     with torch.no_grad():

@@ -233,6 +233,97 @@ def test_resume_equals_uninterrupted_under_ddp(shards, tmp_path):
     assert_same_run(tmp_path / "straight", tmp_path / "split")
 
 
+def test_deterministic_is_recorded_holds_during_the_run_and_resumes_bitwise(shards, tmp_path, capsys):
+    """--deterministic on the CPU (where every run is deterministic anyway): accepted, in the run's first line and in
+    its checkpoints' arguments, torch's deterministic mode on during training and off after, resume bitwise."""
+    args = lambda d, *x: tiny_args(shards, d, "--checkpoint-interval", "100", "--deterministic", *x, steps=6)
+    during = []
+    run(args(tmp_path / "straight"), on_step=lambda *_: during.append(torch.are_deterministic_algorithms_enabled()))
+    assert during == [True] * 6 and not torch.are_deterministic_algorithms_enabled()
+    assert "| deterministic kernels" in capsys.readouterr().out
+    run(args(tmp_path / "split", "--stop-after-step", "2"))
+    run(args(tmp_path / "split", "--resume"))
+    assert_same_run(tmp_path / "straight", tmp_path / "split")
+    assert final_state(tmp_path / "split")["args"]["deterministic"] is True
+
+
+def test_deterministic_kernels_set_and_restore_every_setting(monkeypatch):
+    import torch._inductor.config as inductor
+
+    from support.distributed import deterministic_kernels
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    cuda = torch.backends.cuda
+    settings = lambda: (cuda.cudnn_sdp_enabled(), cuda.mem_efficient_sdp_enabled(), cuda.flash_sdp_enabled(),
+                        inductor.deterministic, torch.are_deterministic_algorithms_enabled())
+    before = settings()
+    with deterministic_kernels(True):
+        assert settings() == (False, False, True, True, True) and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert settings() == before and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+
+
+def test_tf32_through_the_fp32_precision_settings(monkeypatch):
+    """TF32 on CUDA through torch.backends' fp32_precision, not set_float32_matmul_precision (which warns)."""
+    import warnings
+
+    from support.distributed import use_tf32
+
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", lambda *a: pytest.fail("the old API"))
+    saved = matmul.fp32_precision, conv.fp32_precision
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            use_tf32("cuda")
+        assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = saved
+    use_tf32("cpu")
+    assert matmul.fp32_precision == saved[0]  # nothing off a GPU
+
+
+DDP_BUCKETS = """
+import json, os, sys
+import train_gpt2 as tg
+from support.distributed import setup_distributed, teardown_distributed
+from support.long_runs import StopSignal
+
+dist = setup_distributed("cpu")
+run = tg.setup(tg.parse_train_args(sys.argv[2:]), dist)
+tg.train_step(run, 0, StopSignal())
+views = [p.grad._is_view() for p in run.raw_model.parameters()]
+json.dump({"bucket_view": run.model.gradient_as_bucket_view, "views": views}, open(f"{sys.argv[1]}.{dist.rank}", "w"))
+run.metrics.close()
+teardown_distributed()
+"""
+
+
+def test_ddp_gradients_are_views_into_its_buckets(shards, tmp_path):
+    """No second copy of the gradients under DDP: each parameter's .grad is a view into an all-reduce bucket (the
+    losses of 2 ranks still equal one process's: test_ddp_two_ranks_equals_one_process_accumulating)."""
+    script = tmp_path / "buckets.py"
+    script.write_text(DDP_BUCKETS)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           str(tmp_path / "out"), *tiny_args(shards, tmp_path / "r", "--eval-interval", "0", steps=2)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for rank in (0, 1):
+        seen = json.loads((tmp_path / f"out.{rank}").read_text())
+        assert seen["bucket_view"] and seen["views"] and all(seen["views"]), seen
+
+
+def test_the_first_steps_figures_are_marked_as_including_compilation(shards, tmp_path, capsys):
+    args = lambda *x: tiny_args(shards, tmp_path / "r", "--eval-interval", "0", "--checkpoint-interval", "100", *x,
+                                steps=4)
+    run(args("--stop-after-step", "1"))
+    run(args("--resume"))
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "| loss " in ln]
+    marked = [ln.split()[1] for ln in lines if "(first step: dt, tok/sec and mfu include compilation, warm-up)" in ln]
+    assert len(lines) == 4 and marked == ["0/4", "2/4"]  # each process's first
+    assert "first step" not in (tmp_path / "r" / "log.txt").read_text()  # log.txt: numbers only, as before
+
+
 def start_training(shards: Path, log_dir: Path, *extra: str) -> subprocess.Popen:
     args = tiny_args(shards, log_dir, "--checkpoint-interval", "1", "--eval-interval", "0", *extra, steps=100000)
     return subprocess.Popen([sys.executable, str(REPO / "train_gpt2.py"), *args], cwd=REPO,
@@ -390,8 +481,13 @@ def test_mfu_formula_and_peaks(monkeypatch):
     assert n == 124_475_904 and flops_per_token(model.config, T) == 6 * n + 6 * L * C * T == 803_478_528
     assert 677_000 * flops_per_token(model.config, T) / 989e12 == pytest.approx(0.55, abs=5e-4)  # 55% MFU target
     assert peak_flops("cpu") is None
+    # torch.cuda.get_device_name's strings of real GPUs: whole words match ("A100" is not the RTX A1000's "A1000")
     for name, peak in [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
-                       ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA L4", None)]:
+                       ("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 835e12), ("NVIDIA GH200 480GB", 989e12),
+                       ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A100-PCIE-40GB", 312e12),
+                       ("NVIDIA A100 80GB PCIe", 312e12), ("NVIDIA B200", 2.25e15), ("NVIDIA GB200", 2.5e15),
+                       ("NVIDIA L4", None), ("NVIDIA RTX A1000", None), ("NVIDIA RTX A1000 6GB Laptop GPU", None),
+                       ("NVIDIA GeForce RTX 4090", None), ("NVIDIA A10", None)]:
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
         assert peak_flops("cuda:0") == peak, name
         assert peak_flops("cuda:0", bf16=False) == (peak / 2 if peak else None), name  # TF32
