@@ -1,11 +1,14 @@
 """
-The standard suite through EleutherAI's lm-evaluation-harness (`lm-eval`), on our own GPT, with no export:
+The standard suite through EleutherAI's lm-evaluation-harness (`lm-eval`), on our own GPT, with no export; CORE,
+nanochat's measure of GPT-2 grade (support/core.py; no lm-eval needed); and a run's report card:
 
     python eval_suite.py -m log/model_19072.pt                        # one of our checkpoints, the gpt2-suite
     python eval_suite.py -m gpt2 --tasks hellaswag,lambada_openai     # OpenAI's GPT-2, through the Hub
     python eval_suite.py -m hf_out/ --tasks arc_easy --limit 100      # a local HF folder, a quick look
     python eval_suite.py -m model.pt --tasks my_task --include-path my_tasks/   # task YAMLs of your own
     torchrun --standalone --nproc_per_node=8 eval_suite.py -m gpt2-xl # documents split over 8 GPUs
+    python eval_suite.py -m log/model_19072.pt --tasks core           # CORE, with a 95% interval
+    python eval_suite.py -m log/model_19072.pt --report               # report.md beside the checkpoint
 
 Prints a table (task, metric, value, stderr) and writes the harness's JSON results (--output; default beside
 the checkpoint: log/model_19072.pt -> log/model_19072.eval_suite.json). `--tasks gpt2-suite` (the default) is
@@ -46,13 +49,17 @@ from pathlib import Path
 
 import torch
 
+import hellaswag
 from gpt2 import KVCache
 from hellaswag import _logits, row_losses
-from support.checkpoints import is_checkpoint
+from support import core
+from support import report as report_card
+from support.checkpoints import is_checkpoint, load_checkpoint
 from support.distributed import (
     DTYPES,
     Dist,
     all_reduce_or_raise,
+    autocast,
     on_every_rank,
     rank_0_first,
     setup_distributed,
@@ -63,6 +70,7 @@ from support.errors import one_line
 from support.files import atomic_write
 from support.flags import add_dataclass_flags
 from support.hf import load_model
+from support.metrics import read_log
 from support.tokenizer import EOT_TOKEN, get_tokenizer
 
 try:  # a dev/optional dependency: training never needs it; main() says how to install it
@@ -72,10 +80,14 @@ except ImportError:
 
 GPT2_SUITE = ("hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande", "lambada_openai")
 LM_EVAL_PIN = "lm-eval==0.4.13"  # as in requirements-dev.txt
+NO_TASKS = "--tasks is empty: name harness tasks (e.g. hellaswag,arc_easy), gpt2-suite or core"
 MAX_GEN_TOKS = 256  # the harness's default for generation tasks that do not say (its hf backend's too)
 # the logits of this many scored positions per forward are 1.6 GB in fp32 (GPT-2's padded vocab): rolling
 # windows score every position, so a batch of 1024-token windows holds 8 rows, not --batch-size
 MAX_SCORED_POSITIONS = 8192
+# off a GPU, an example's rows run their shared prefix once when that saves this many token-forwards (below it,
+# batching rows across examples is faster: measured with bench/bench_core.py on a CPU)
+SHARED_PREFIX_MIN = 256
 
 
 class EvalSuiteError(ValueError):
@@ -121,18 +133,40 @@ def _batches(lengths: list[int], scored: list[int], batch_size: int) -> list[lis
 
 
 @torch.no_grad()
-def score_rows(model, tokens: torch.Tensor, mask: torch.Tensor, vocab: int, autocast_dtype=None):
+def score_rows(model, tokens: torch.Tensor, mask: torch.Tensor, vocab: int, autocast_dtype=None, kv_cache=None):
     """Log-likelihood of each row's masked tokens (n,) in fp32, and whether each is the greedy choice at every
     masked position (n,) bool. The model sees tokens[:, :-1] (the last token is only predicted, so a row may
-    be block_size + 1 long); logits over the first `vocab` entries only (a training checkpoint's padding rows
-    are no tokens: its export drops them)."""
+    be block_size + 1 long), after what kv_cache holds if given; logits over the first `vocab` entries only (a
+    training checkpoint's padding rows are no tokens: its export drops them)."""
     shift_mask = mask[:, 1:].bool()  # (n, L-1): position t predicts token t+1
-    logits = _logits(model, tokens[:, :-1], autocast_dtype, logits_at=shift_mask)[:, :vocab]  # (M, vocab)
+    if kv_cache is None:
+        logits = _logits(model, tokens[:, :-1], autocast_dtype, logits_at=shift_mask)[:, :vocab]  # (M, vocab)
+    else:
+        with autocast(tokens.device.type, autocast_dtype):
+            logits = model(tokens[:, :-1], kv_cache=kv_cache, logits_at=shift_mask)[0][:, :vocab]
     sum_loss, _ = row_losses(logits, tokens, mask)  # (n,)
     hit = logits.argmax(dim=-1) == tokens[:, 1:][shift_mask]  # (M,)
     row_of = shift_mask.nonzero()[:, 0]  # (M,) the row of each scored position, row-major like logits
     misses = torch.zeros(tokens.size(0), device=tokens.device).index_add_(0, row_of, (~hit).float())
     return -sum_loss, misses == 0
+
+
+@torch.no_grad()
+def score_sharing_prefix(model, rows: list[tuple[list[int], int]], prefix: int, vocab: int, autocast_dtype=None):
+    """score_rows for rows (tokens, scored tail's length) that begin with the same `prefix` tokens, none of them a
+    scored token's predictor: the prefix runs once, its keys and values cached and copied for every row, then the
+    rows' rest in one batch (a multiple-choice example's options share their context: 4 forwards of it become 1)."""
+    device, dtype = next(model.parameters()).device, autocast_dtype or model.lm_head.weight.dtype
+    longest = max(len(t) for t, _ in rows)
+    shared = KVCache(model.config, 1, longest, device, dtype)
+    head = torch.tensor(rows[0][0][:prefix], device=device)[None]  # (1, prefix)
+    with autocast(device.type, autocast_dtype):
+        model(head, kv_cache=shared, logits_at=torch.zeros_like(head, dtype=torch.bool))  # no logits: keys, values
+    cache = KVCache(model.config, len(rows), longest, device, dtype)
+    cache.k[:, :, :, :prefix], cache.v[:, :, :, :prefix], cache.pos = shared.k[:, :, :, :prefix], \
+        shared.v[:, :, :, :prefix], prefix
+    tokens, mask = (t.to(device) for t in _pack([(t[prefix:], n) for t, n in rows]))
+    return score_rows(model, tokens, mask, vocab, autocast_dtype, kv_cache=cache)
 
 
 # -----------------------------------------------------------------------------
@@ -188,13 +222,14 @@ class GPTLM(TemplateLM):
                                  f"block_size={self.block_size}: it cannot be scored (use a longer-context model)")
         return (context + continuation)[-(self.block_size + 1):], len(continuation)
 
-    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, desc: str = "eval_suite loglikelihood",
+                              **kwargs) -> list[tuple[float, bool]]:
         """requests: (strings, context tokens, continuation tokens) -> (log-likelihood, is greedy) each."""
         from tqdm import tqdm
 
         rows = [self._row(*request) for request in requests]
         out: list[tuple[float, bool]] = [(0.0, True)] * len(rows)
-        bar = tqdm(total=len(rows), desc="eval_suite loglikelihood", unit="req", dynamic_ncols=True,
+        bar = tqdm(total=len(rows), desc=desc, unit="req", dynamic_ncols=True,
                    disable=disable_tqdm or not self.progress)
         for ids in _batches([len(t) for t, _ in rows], [n for _, n in rows], self.batch_size):
             tokens, mask = (t.to(self._device) for t in _pack([rows[i] for i in ids]))
@@ -224,6 +259,34 @@ class GPTLM(TemplateLM):
         for req, total in zip(requests, totals):
             self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
         return totals
+
+    def core_correct(self, task: core.Task) -> int:
+        """This rank's share of a CORE task (every world_size-th example, as nanochat splits them): how many it
+        gets right. Every option's row is one request, batched longest first with the other examples'. Off a GPU,
+        where a forward's cost is its arithmetic, an example whose options share a long prefix (the context of a
+        few-shot multiple choice) runs it once instead (score_sharing_prefix)."""
+        mine = range(self._rank, len(task.data), self._world_size)
+        rows = {i: core.rows(task, i, self.enc.encode_ordinary, self.block_size) for i in mine}
+        sharing = {i: self._shared_prefix(rows[i]) for i in mine}
+        requests = [(None, t[:s], t[s:]) for i in mine if not sharing[i] for t, s in rows[i]]
+        batched = iter(self._loglikelihood_tokens(requests, desc=f"CORE {task.label}"))
+        right = 0
+        for i in mine:
+            if sharing[i]:
+                lls, greedy = score_sharing_prefix(self.model, [(t, len(t) - s) for t, s in rows[i]], sharing[i],
+                                                   self.vocab, self.autocast_dtype)
+                scores = zip(lls.tolist(), greedy.tolist())
+            else:
+                scores = (next(batched) for _ in rows[i])
+            right += core.is_correct(task, i, [(ll, len(t) - s, g) for (t, s), (ll, g) in zip(rows[i], scores)])
+        return right
+
+    def _shared_prefix(self, rows: list[tuple[list[int], int]]) -> int:
+        """The tokens an example's rows share before their first scored token's predictor, if running them once
+        saves at least SHARED_PREFIX_MIN token-forwards off a GPU; else 0 (the rows batch with the others)."""
+        tokens = [t for t, _ in rows]
+        prefix = min(core.common_length(tokens), min(s for _, s in rows)) - 1
+        return prefix if self._device.type != "cuda" and (len(rows) - 1) * prefix >= SHARED_PREFIX_MIN else 0
 
     # -- generate_until -----------------------------------------------------------------------
 
@@ -284,8 +347,7 @@ class GPTLM(TemplateLM):
         last[:, -1] = True  # the prompt's logits are needed at its last position only
         step_in, logits_at = idx, last
         for _ in range(max_new):
-            with torch.autocast(self._device.type, dtype=self.autocast_dtype or torch.float32,
-                                enabled=self.autocast_dtype is not None):
+            with autocast(self._device.type, self.autocast_dtype):
                 logits, _ = self.model(step_in, kv_cache=cache, logits_at=logits_at)
             nxt = logits.reshape(B, -1)[:, :self.vocab].argmax(dim=-1)  # (B,)
             for b, tok in enumerate(nxt.tolist()):
@@ -389,7 +451,7 @@ def resolve_tasks(spec: str, manager) -> list[str]:
             raise EvalSuiteError(f"--tasks: unknown task {item!r} ({hint}); task YAMLs of your own: --include-path "
                                  "DIR; all names: python -m lm_eval ls tasks")
     if not names:
-        raise EvalSuiteError("--tasks is empty: name harness tasks (e.g. hellaswag,arc_easy) or gpt2-suite")
+        raise EvalSuiteError(NO_TASKS)
     return list(dict.fromkeys(names))  # each once, in the order given
 
 
@@ -464,9 +526,12 @@ def format_table(rows) -> str:
 
 
 def write_results(results: dict, path: Path) -> None:
-    """The harness's results dict as JSON (its own serializer for numpy values and sets), written whole or not."""
-    from lm_eval.utils import handle_non_serializable
-
+    """The results as JSON, written whole or not: the harness's through its own serializer (numpy values, sets);
+    CORE's alone are plain numbers and need no lm-eval."""
+    try:
+        from lm_eval.utils import handle_non_serializable
+    except ImportError:
+        handle_non_serializable = None
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path) as tmp:
         tmp.write_text(json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False))
@@ -479,7 +544,7 @@ def write_results(results: dict, path: Path) -> None:
 @dataclass
 class SuiteConfig:
     model: str = ""  # one of our .pt checkpoints, a local HF folder, or an HF name (gpt2, gpt2-xl, ...)
-    tasks: str = "gpt2-suite"  # comma-separated harness tasks, globs (arc_*), YAML files; gpt2-suite: the README's six
+    tasks: str = "gpt2-suite"  # harness tasks, globs (arc_*), YAML files, gpt2-suite (the README's six), core: CORE
     include_path: str = ""  # a folder of task YAMLs of your own (the harness's --include_path)
     limit: int = 0  # only the first N documents of each task, for a quick look (0: all)
     num_fewshot: int = -1  # examples in each prompt; -1: each task's default (0 for the gpt2-suite)
@@ -489,6 +554,11 @@ class SuiteConfig:
     dtype: str = "float32"  # float32: as the harness's hf backend runs GPT-2; bfloat16: autocast, faster on GPUs
     batch_size: int = 0  # requests per forward pass; 0: 64 on cuda, 8 on cpu
     bootstrap_iters: int = 100000  # the harness's resamples for the stderr of metrics that are not means (0: none)
+    core_bundle: str = ""  # CORE: a local copy of nanochat's eval bundle (core.yaml, eval_meta_data.csv, eval_data/)
+    core_cache: str = str(core.BUNDLE_DIR)  # CORE: where the bundle is downloaded to once, without --core-bundle
+    max_per_task: int = 0  # CORE: the first N examples of each task (after nanochat's shuffle), a quick look; 0: all
+    report: bool = False  # a run's report card beside its checkpoint: val loss, HellaSwag, CORE (not --tasks), curves
+    hellaswag_file: str = ""  # --report: a local hellaswag_val.jsonl (default: downloaded once, as hellaswag.py does)
 
 
 def parse_args(argv=None) -> SuiteConfig:
@@ -501,15 +571,27 @@ def parse_args(argv=None) -> SuiteConfig:
     return SuiteConfig(**vars(parser.parse_args(argv)))
 
 
-def check_config(cfg: SuiteConfig) -> None:
-    """Bad flags, before any process group or model: the same error on every rank."""
-    if TemplateLM is object:
-        raise EvalSuiteError(f"eval_suite.py needs the lm-eval package: pip install {LM_EVAL_PIN} "
-                             "(or pip install -r requirements-dev.txt)")
+def split_tasks(spec: str) -> tuple[bool, str]:
+    """--tasks: whether CORE is asked for, and the harness's tasks beside it ("" for none)."""
+    names = [t.strip() for t in spec.split(",") if t.strip()]
+    return "core" in names, ",".join(t for t in names if t != "core")
+
+
+def check_config(cfg: SuiteConfig, wants_core: bool, harness: str) -> None:
+    """Bad flags, before any process group or model: the same error on every rank. lm-eval is needed for the
+    harness's tasks only (harness: their names, "" for none)."""
+    if not (wants_core or harness or cfg.report):
+        raise EvalSuiteError(NO_TASKS)
+    if harness and TemplateLM is object:
+        raise EvalSuiteError(f"--tasks {harness}: the harness's tasks need the lm-eval package: pip install "
+                             f"{LM_EVAL_PIN} (or pip install -r requirements-dev.txt); --tasks core does not")
     for flag, value in (("--limit", cfg.limit), ("--batch-size", cfg.batch_size),
-                        ("--bootstrap-iters", cfg.bootstrap_iters)):
+                        ("--bootstrap-iters", cfg.bootstrap_iters), ("--max-per-task", cfg.max_per_task)):
         if value < 0:
             raise EvalSuiteError(f"{flag} must be >= 0, got {value}")
+    if cfg.report and not is_checkpoint(cfg.model):
+        raise EvalSuiteError(f"--report -m {cfg.model}: give one of our checkpoints (model_NNNNN.pt): the card reads "
+                             "its run's arguments and log.txt")
     if cfg.num_fewshot < -1:
         raise EvalSuiteError(f"--num-fewshot must be >= 0 (or -1: each task's default), got {cfg.num_fewshot}")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
@@ -529,43 +611,92 @@ def evaluate(lm: GPTLM, cfg: SuiteConfig, names: list[str]) -> dict | None:
         raise dataset_error(e) from e
 
 
-def report(results: dict, cfg: SuiteConfig, dist: Dist, seconds: float) -> Path:
-    """Rank 0: the table on stdout, the JSON results on disk (where it went on stderr)."""
-    results["config"]["model"] = cfg.model  # the harness writes the adapter's class name there
-    results["config"].update(device=dist.device, world_size=dist.world_size, dtype=cfg.dtype,
-                             batch_size=cfg.batch_size or None)
+def run_core(lm: GPTLM, cfg: SuiteConfig, dist: Dist) -> dict:
+    """CORE on every rank: the bundle (rank 0 downloads it once), each task's share scored on each rank, the
+    right answers summed over the ranks; the summary (core.summarize) on every rank."""
+    bundle = core.find_bundle(cfg.core_bundle, Path(cfg.core_cache), dist)
+    tasks = on_every_rank(lambda: core.load_tasks(bundle, cfg.max_per_task), dist, _other_rank_failed())
+    correct = {}
+    for task in tasks:
+        right = run_on_every_rank(lambda task=task: lm.core_correct(task), dist)
+        correct[task.label] = all_reduce_or_raise(torch.tensor([float(right)]), None, dist, _other_rank_failed())
+    return core.summarize(tasks, {label: int(total.item()) for label, total in correct.items()})
+
+
+def report(results: dict | None, core_summary: dict | None, cfg: SuiteConfig, dist: Dist, seconds: float) -> Path:
+    """Rank 0: the tables on stdout, the JSON on disk (where it went on stderr): the harness's results with CORE's
+    under "core", or CORE's alone (nanochat's keys at the top)."""
+    config = dict(model=cfg.model, device=dist.device, world_size=dist.world_size, dtype=cfg.dtype,
+                  batch_size=cfg.batch_size or None)
+    if results is not None:
+        results["config"].update(config)  # the harness writes the adapter's class name as the model
+        if core_summary is not None:
+            results["core"] = core_summary
+    else:
+        results = {**core_summary, "config": {**config, "max_per_task": cfg.max_per_task or None}}
     path = Path(cfg.output) if cfg.output else default_output(cfg.model)
     write_results(results, path)
     limit = f", first {cfg.limit} documents per task" if cfg.limit else ""
     print(f"{cfg.model} on {dist.device} x{dist.world_size} ({cfg.dtype}{limit}): {seconds:.1f}s")
-    print(format_table(metric_rows(results)))
+    if "versions" in results or "configs" in results:  # the harness's
+        print(format_table(metric_rows(results)))
+    if core_summary is not None:
+        print(core.format_core(core_summary))
     print(f"results written to {path}", file=sys.stderr)
     return path
+
+
+def run_report(lm: GPTLM, cfg: SuiteConfig, dist: Dist) -> None:
+    """--report: the card's measurements on every rank (HellaSwag over all its validation examples, CORE), then
+    rank 0 adds the run's own numbers (support/report.py) and writes the card beside the checkpoint. Each part
+    stops every rank if one fails (none is nested in another: a rank that has told the others of its error
+    enters no further collective)."""
+    examples = hellaswag.load_examples("val", data_file=cfg.hellaswag_file or None, dist=dist)
+    hella = hellaswag.evaluate(lm.model, examples, dist.device, None, dist.rank, dist.world_size, lm.autocast_dtype,
+                               progress=dist.master)
+    core_summary = run_core(lm, cfg, dist)
+
+    def card():
+        if not dist.master:
+            return
+        path = Path(cfg.model)
+        card = report_card.make_card(path, load_checkpoint(path, mmap=True), lm.model, hella, core_summary,
+                                     dist.device, cfg.max_per_task)
+        paths = report_card.write_card(card, path.parent, read_log(path.parent / "log.txt")[0])
+        print(report_card.render_markdown(card))
+        print(f"report card written to {', '.join(map(str, paths))}", file=sys.stderr)
+
+    run_on_every_rank(card, dist)
 
 
 def main(argv=None) -> int:
     cfg = parse_args(argv)
     try:
-        check_config(cfg)
+        wants_core, harness = split_tasks(cfg.tasks) if not cfg.report else (False, "")
+        check_config(cfg, wants_core, harness)
         dist = setup_distributed(cfg.device)
         # every rank reads the task index and the model; if one fails, all stop (no rank waits in a collective)
-        names, model = on_every_rank(lambda: (resolve_tasks(cfg.tasks, task_manager(cfg.include_path)),
-                                              load_model(cfg.model, dist.device)), dist, _other_rank_failed())
-        if dist.world_size > 1:  # rank 0 fills the datasets cache while the others wait, so nothing downloads twice
+        names, model = on_every_rank(lambda: (resolve_tasks(harness, task_manager(cfg.include_path)) if harness
+                                              else [], load_model(cfg.model, dist.device)), dist, _other_rank_failed())
+        if names and dist.world_size > 1:  # rank 0 fills the datasets cache while the others wait: no double download
             rank_0_first(lambda: check_shares(load_tasks(task_manager(cfg.include_path), names), cfg.limit,
                                               dist.world_size),
                          dist, EvalSuiteError("rank 0 could not prepare the tasks (see its error)"))
         lm = GPTLM(model, dist, cfg.batch_size, setup_precision(cfg.dtype, dist.device_type))
+        if cfg.report:
+            run_report(lm, cfg, dist)
+            return 0
         t0 = time.time()
+        core_summary = run_core(lm, cfg, dist) if wants_core else None
 
         def work():
-            results = evaluate(lm, cfg, names)
-            if results is not None:  # rank 0
-                report(results, cfg, dist, time.time() - t0)
+            results = evaluate(lm, cfg, names) if names else None
+            if dist.master:
+                report(results, core_summary, cfg, dist, time.time() - t0)
 
         run_on_every_rank(work, dist)
         return 0
-    except (EvalSuiteError, OSError, ValueError, RuntimeError, KeyError) as e:  # no checkpoint, OOM, bad task YAML
+    except (EvalSuiteError, core.CoreError, OSError, ValueError, RuntimeError, KeyError) as e:  # OOM, bad task YAML
         print(f"eval_suite.py: error: {one_line(e)}", file=sys.stderr)
         return 2
     finally:

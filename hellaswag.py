@@ -46,6 +46,7 @@ from support.distributed import (
     DTYPES,
     Dist,
     all_reduce_or_raise,
+    autocast,
     rank_0_first,
     setup_distributed,
     setup_precision,
@@ -225,8 +226,7 @@ def row_losses(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -
 
 def _logits(model, tokens: torch.Tensor, autocast_dtype, logits_at=None) -> torch.Tensor:
     device_type = tokens.device.type
-    with torch.autocast(device_type=device_type, dtype=autocast_dtype or torch.float32,
-                        enabled=autocast_dtype is not None):
+    with autocast(device_type, autocast_dtype):
         out = model(tokens) if logits_at is None else model(tokens, logits_at=logits_at)
     if isinstance(out, tuple):  # our GPT: (logits, loss)
         out = out[0]

@@ -9,6 +9,8 @@ The machinery behind the scripts, one module a concern; each is called from a fe
     data.py          token shards (fineweb.py's names and format) and .txt files, checked before step 0
     sampling.py      the sampling settings and prompt -> text, for `sample` and training's samples
     hf.py            Hugging Face import and export (GPT2LMHeadModel, NanoChatForCausalLM)
+    core.py          CORE, nanochat's benchmark: its eval bundle, prompts, scored rows, results and interval
+    report.py        the report card of a run (eval_suite.py --report): val loss, HellaSwag, CORE, curves
     checkpoints.py   model files and training checkpoints: save, verify, resume, rotation
     sharding.py      --shard fsdp: FSDP2 over the blocks, whole checkpoints from shards
     metrics.py       console, log.txt, trackers (W&B, TensorBoard), MFU and peak memory

@@ -72,10 +72,12 @@ def check_checkpoint_bytes(path) -> None:
         raise CheckpointDamaged(f"checkpoint {path} is damaged ({type(e).__name__}: {e})") from None
 
 
-def load_checkpoint(path, map_location="cpu") -> dict:
+def load_checkpoint(path, map_location="cpu", mmap: bool = False) -> dict:
+    """A checkpoint, every byte verified first; mmap: its tensors are read from the file only where used (to read
+    its arguments without the optimizer's state in memory)."""
     check_checkpoint_bytes(path)  # every byte verified before any is used
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise
     except Exception as e:

@@ -132,14 +132,31 @@ def check_tokens(name, tokens: np.ndarray, vocab_size: int, chunk: int = 1 << 24
                              "wrong tokenizer, or a larger --vocab-size is needed")
 
 
+def text_splits(data: Path, val_fraction: float, dist: Dist) -> dict:
+    """A .txt file's tokens, its last val_fraction the val split: {"train": [tokens], "val": [tokens]}."""
+    tokens = tokenize_text_file(data, dist)
+    n_val = int(len(tokens) * val_fraction)
+    return {"train": [tokens[: len(tokens) - n_val]], "val": [tokens[len(tokens) - n_val:]]}
+
+
+def open_val_split(data: Path, val_fraction: float, vocab_size: int) -> tuple[list, list[str]]:
+    """The val split alone (as open_splits, one process): its shards (or a .txt file's tokens) and names, checked."""
+    if data.suffix == ".txt" or data.is_file():
+        shards, names = text_splits(data, val_fraction, Dist())["val"], [f"{data} (val split)"]
+    else:
+        shards = find_shards(data, "val")
+        names = [str(p) for p in shards]
+    for name, shard in zip(names, shards):
+        check_tokens(name, shard_tokens(shard), vocab_size)
+    return shards, names
+
+
 def open_splits(data: Path, val_fraction: float, need_val: bool, vocab_size: int, dist: Dist) -> tuple[dict, dict]:
     """The train and val splits ({"train": [...], "val": [...]}: shard paths, or a .txt file's token arrays) and
     their names, every shard checked (format, token range) before step 0. Each rank checks its share of the
     shards; one bad (or unreadable) shard stops every rank."""
     if data.suffix == ".txt" or data.is_file():
-        tokens = tokenize_text_file(data, dist)
-        n_val = int(len(tokens) * val_fraction)
-        splits = {"train": [tokens[: len(tokens) - n_val]], "val": [tokens[len(tokens) - n_val:]]}
+        splits = text_splits(data, val_fraction, dist)
         names = {k: [f"{data} ({k} split)"] for k in splits}
     else:
         splits = {"train": find_shards(data, "train"), "val": find_shards(data, "val") if need_val else []}

@@ -61,6 +61,11 @@ def resolve_dtype(dtype: str, device_type: str) -> torch.dtype | None:
     return AUTOCAST_DTYPES[auto_dtype(device_type) if dtype == "auto" else dtype]
 
 
+def autocast(device_type: str, dtype: torch.dtype | None):
+    """torch.autocast to dtype (resolve_dtype's), or a context that changes nothing for None (plain fp32)."""
+    return torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
 def use_tf32(device_type: str) -> None:
     """On CUDA, fp32 matmuls (and convolutions) on TF32 tensor cores: the lecture's
     torch.set_float32_matmul_precision("high"), through the fp32_precision settings that replace it (torch >= 2.9

@@ -27,6 +27,26 @@ class TrackerConfig:
     tensorboard: bool = False  # also write TensorBoard event files into --log-dir (pip install tensorboard)
 
 
+def read_log(path) -> tuple[dict[str, dict[int, float]], int]:
+    """log.txt read back: ({name: {step: value}} with steps sorted, the number of lines skipped). A step written
+    twice (a rewind, a resumed run) keeps its last value; a line that is not `step name value` (half a line, where
+    a run was killed mid-write) is skipped and counted. A missing file reads as nothing."""
+    streams: dict[str, dict[int, float]] = {}
+    skipped = 0
+    path = Path(path)
+    for line in (path.read_text(errors="replace").splitlines() if path.is_file() else []):
+        parts = line.split()
+        try:
+            if len(parts) != 3:
+                raise ValueError(line)
+            step, name, value = int(parts[0]), parts[1], float(parts[2])
+        except ValueError:
+            skipped += bool(parts)
+            continue
+        streams.setdefault(name, {})[step] = value
+    return {name: dict(sorted(values.items())) for name, values in streams.items()}, skipped
+
+
 def duration(seconds: float) -> str:
     seconds = round(seconds)
     h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60

@@ -12,7 +12,15 @@ import torch
 
 import gpt2
 import train_gpt2
-from bench import bench_fineweb, bench_generate, bench_hellaswag, bench_loss_precision, bench_recipe, bench_train
+from bench import (
+    bench_core,
+    bench_fineweb,
+    bench_generate,
+    bench_hellaswag,
+    bench_loss_precision,
+    bench_recipe,
+    bench_train,
+)
 from support.checkpoints import save_checkpoint
 
 
@@ -27,14 +35,26 @@ def test_bench_hellaswag_breakdown(capsys):
     assert re.search(r"were all else free, batched would be [\d.]+x the one-at-a-time loop", out), out
 
 
-def test_bench_generate_same_tokens(tmp_path, capsys):
+def tiny_checkpoint(tmp_path, n_layer: int = 2) -> str:
+    """A random GPT with GPT-2's padded vocabulary, 32 wide, as one of our checkpoints: its path."""
     torch.manual_seed(0)
-    model = gpt2.GPT(gpt2.GPTConfig(block_size=64, vocab_size=50304, n_layer=2, n_head=2, n_embd=32))
+    model = gpt2.GPT(gpt2.GPTConfig(block_size=64, vocab_size=50304, n_layer=n_layer, n_head=2, n_embd=32))
     ckpt = tmp_path / "model_00001.pt"
     save_checkpoint(ckpt, {"model": model.state_dict(), "config": dataclasses.asdict(model.config), "step": 1})
-    bench_generate.main(["-m", str(ckpt), "--device", "cpu", "--max-new-tokens", "12", "--repeats", "1"])
+    return str(ckpt)
+
+
+def test_bench_generate_same_tokens(tmp_path, capsys):
+    bench_generate.main(["-m", tiny_checkpoint(tmp_path), "--device", "cpu", "--max-new-tokens", "12",
+                         "--repeats", "1"])
     out = capsys.readouterr().out
     assert "same tokens both ways: yes" in out and re.search(r"speed-up: [\d.]+x", out), out
+
+
+def test_bench_core_same_answers(tmp_path, capsys):
+    bench_core.main(["-m", tiny_checkpoint(tmp_path, n_layer=1), "-d", "cpu", "-n", "12", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert "same answers: yes" in out and re.search(r"^\| all \| 84 \| [\d.]+ \| [\d.]+ \| [\d.]+x \|$", out, re.M), out
 
 
 def test_bench_loss_precision_small(capsys):

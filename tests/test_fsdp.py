@@ -29,6 +29,7 @@ from test_train import (
 
 import gpt2
 import train_gpt2 as tg
+from support import metrics
 from support.distributed import auto_dtype, setup_precision
 
 # -----------------------------------------------------------------------------
@@ -37,11 +38,7 @@ from support.distributed import auto_dtype, setup_precision
 
 def read_log(log_dir: Path) -> dict:
     """log.txt -> {name: {step: value}}."""
-    out = {}
-    for line in (log_dir / "log.txt").read_text().splitlines():
-        step, name, value = line.split()
-        out.setdefault(name, {})[int(step)] = float(value)
-    return out
+    return metrics.read_log(log_dir / "log.txt")[0]
 
 
 def assert_close_losses(got: Path, want: Path, steps=None) -> None:

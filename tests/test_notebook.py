@@ -70,8 +70,9 @@ def execute_notebook(log_dir: Path, tmp_path: Path, monkeypatch) -> str:
         for out in cell.get("outputs", []):
             if out.output_type == "stream":
                 texts.append(out.text)
-            elif "text/plain" in out.get("data", {}):
-                texts.append(out.data["text/plain"])
+            else:  # a display's text, and what a Markdown display renders
+                texts += [out.get("data", {})[kind] for kind in ("text/plain", "text/markdown")
+                          if kind in out.get("data", {})]
     return "\n".join(texts)
 
 
