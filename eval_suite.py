@@ -162,9 +162,7 @@ def score_sharing_prefix(model, rows: list[tuple[list[int], int]], prefix: int, 
     head = torch.tensor(rows[0][0][:prefix], device=device)[None]  # (1, prefix)
     with autocast(device.type, autocast_dtype):
         model(head, kv_cache=shared, logits_at=torch.zeros_like(head, dtype=torch.bool))  # no logits: keys, values
-    cache = KVCache(model.config, len(rows), longest, device, dtype)
-    cache.k[:, :, :, :prefix], cache.v[:, :, :, :prefix], cache.pos = shared.k[:, :, :, :prefix], \
-        shared.v[:, :, :, :prefix], prefix
+    cache = shared.repeat(len(rows), longest)  # the prefix's keys and values (and --smear's last embedding) per row
     tokens, mask = (t.to(device) for t in _pack([(t[prefix:], n) for t, n in rows]))
     return score_rows(model, tokens, mask, vocab, autocast_dtype, kv_cache=cache)
 

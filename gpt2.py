@@ -28,7 +28,10 @@ GPT2_VOCAB_SIZE = 50257  # real tokens: 50,000 BPE merges + 256 bytes + <|endoft
 # -----------------------------------------------------------------------------
 # Configuration: GPT-2's shape, and the options that change its architecture (all off by default)
 
-MODEL_CHOICES = {"pos_emb": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "relu2")}
+MODEL_CHOICES = {"pos_emb": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "relu2"),
+                 "init": ("gpt2", "nanochat")}
+VE_GATE_CHANNELS = 12  # --value-embeds: each gate reads the first 12 channels of the attention's input (nanochat's)
+SMEAR_CHANNELS = 24  # --smear: its gate reads the first 24 channels of the embedding
 
 
 @dataclass(kw_only=True)
@@ -47,6 +50,16 @@ class ModelOptions:
     tie_embeddings: bool = True  # lm_head shares wte's matrix (GPT-2); untied: a matrix of its own, zero at init
     zero_init_proj: bool = False  # attention's and the MLP's output projections (c_proj) start at zero
     logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap); 0: off (GPT-2)
+    # nanochat's (karpathy/nanochat, gpt.py), each alone too:
+    qk_gain: float = 1.0  # q and k times this after QK-norm (nanochat: 1.2, attention's logits x 1.44)
+    value_embeds: bool = False  # ResFormer's value embeddings: on alternate layers (the last included) a token
+    #                             embedding of its own added to v, through a learned gate per head
+    layer_scalars: bool = False  # learned per-layer scalars: block i reads resid_lambdas[i] * x + x0_lambdas[i] * x0
+    #                              (x0: the embedding, after its norm)
+    smear: bool = False  # each position's embedding plus a learned, gated share of the previous position's
+    backout: bool = False  # the middle layer's residual stream, times a learned scalar, subtracted before ln_f
+    init: str = "gpt2"  # gpt2: normal(0.02), residual projections scaled down; nanochat: wte normal(0.8), lm_head
+    #                     normal(0.001), the blocks' matrices uniform (c_fc x 0.4), their projections zero
 
 
 @dataclass
@@ -71,6 +84,20 @@ class GPTConfig(ModelOptions):
         if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
             raise ValueError(f"--pos-emb rope rotates pairs of a head's dimensions: head size "
                              f"{self.n_embd // self.n_head} (n_embd / n_head) must be even")
+        if self.qk_gain <= 0 or (self.qk_gain != 1 and not self.qk_norm):
+            raise ValueError(f"--qk-gain {self.qk_gain} scales the normalised q and k: give a gain > 0, with --qk-norm")
+        if self.init == "nanochat" and self.tie_embeddings:
+            raise ValueError("--init nanochat gives wte (std 0.8) and lm_head (std 0.001) scales of their own: add "
+                             "--no-tie-embeddings")
+        least = max(VE_GATE_CHANNELS * self.value_embeds, SMEAR_CHANNELS * self.smear)
+        if self.n_embd < least:
+            raise ValueError(f"--value-embeds' gates read {VE_GATE_CHANNELS} channels, --smear's {SMEAR_CHANNELS}: "
+                             f"n_embd={self.n_embd} is too narrow")
+
+    def value_embed_layers(self) -> list[int]:
+        """--value-embeds' layers: every other one, ending with the last (nanochat's has_ve)."""
+        L = self.n_layer
+        return [i for i in range(L) if i % 2 == (L - 1) % 2] if self.value_embeds else []
 
     def norm_parameters(self) -> int:
         """One norm's: LayerNorm's gain (C) and bias (C, unless --no-bias); RMSNorm has none."""
@@ -82,13 +109,21 @@ class GPTConfig(ModelOptions):
         C = self.n_embd
         return 12 * C * C + 9 * C * self.bias + 2 * self.norm_parameters()
 
+    def lookup_parameters(self) -> int:
+        """The embeddings that are looked up, never multiplied: an untied wte, --value-embeds' tables."""
+        C = self.n_embd
+        return self.vocab_size * C * ((not self.tie_embeddings) + len(self.value_embed_layers()))
+
     def num_parameters(self) -> int:
         """GPT.num_parameters() without building the model: wte (once, tied to lm_head; or an untied lm_head
-        beside it), wpe (learned positions only), the blocks, ln_f."""
-        C = self.n_embd
+        beside it), wpe (learned positions only), the blocks, ln_f; the nanochat options' tables, gates and
+        scalars (block_parameters leaves out a value-embedding layer's gate, 12 x n_head)."""
+        C, ve = self.n_embd, len(self.value_embed_layers())
         embeddings = self.vocab_size * C * (1 if self.tie_embeddings else 2)
         positions = self.block_size * C if self.pos_emb == "learned" else 0
-        return embeddings + positions + self.n_layer * self.block_parameters() + self.norm_parameters()
+        options = (ve * (self.vocab_size * C + VE_GATE_CHANNELS * self.n_head) + 2 * self.n_layer * self.layer_scalars
+                   + (SMEAR_CHANNELS + 1) * self.smear + self.backout)
+        return embeddings + positions + self.n_layer * self.block_parameters() + self.norm_parameters() + options
 
 
 
@@ -98,7 +133,7 @@ class GPTConfig(ModelOptions):
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer: int = 0):
         super().__init__()
         self.n_head, self.n_embd = config.n_head, config.n_embd
         C, bias = config.n_embd, config.bias
@@ -112,6 +147,9 @@ class CausalSelfAttention(nn.Module):
         self.split_qkv = config.split_qkv
         self.rotary = Rotary(config) if config.pos_emb == "rope" else None  # GPT-2: positions added to wte
         self.qk_norm = RMSNorm() if config.qk_norm else None
+        self.qk_gain = config.qk_gain
+        if layer in config.value_embed_layers():  # how much of the value embedding each head takes, from x
+            self.ve_gate = nn.Linear(VE_GATE_CHANNELS, config.n_head, bias=False)
 
     def qkv(self, x):
         """q, k, v (B, T, C) each."""
@@ -119,9 +157,12 @@ class CausalSelfAttention(nn.Module):
             return self.c_q(x), self.c_k(x), self.c_v(x)
         return self.c_attn(x).split(self.n_embd, dim=2)
 
-    def forward(self, x, kv_cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x, kv_cache: KVCache | None = None, layer: int = 0, ve=None):
         B, T, C = x.size()
         q, k, v = self.qkv(x)
+        if ve is not None:  # --value-embeds (ResFormer): v + gate * ve, the gate in (0, 3) per head and position
+            gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))  # (B, T, nh)
+            v = v + (gate.unsqueeze(-1) * ve.view(B, T, self.n_head, C // self.n_head)).view(B, T, C)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
@@ -130,6 +171,8 @@ class CausalSelfAttention(nn.Module):
             q, k = self.rotary(q, start), self.rotary(k, start)
         if self.qk_norm is not None:  # after RoPE, as nanochat (a rotation keeps the norm anyway)
             q, k = self.qk_norm(q), self.qk_norm(k)
+        if self.qk_gain != 1:  # sharper attention than unit-norm q and k give (nanochat's 1.2)
+            q, k = q * self.qk_gain, k * self.qk_gain
         if kv_cache is None or kv_cache.pos == 0:
             if kv_cache is not None:
                 kv_cache.update(layer, k, v)
@@ -159,15 +202,15 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer: int = 0):
         super().__init__()
         self.ln_1 = make_norm(config)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer)
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, kv_cache=None, layer=0):
-        x = x + self.attn(self.ln_1(x), kv_cache, layer)  # pre-LayerNorm: the residual path stays clean
+    def forward(self, x, kv_cache=None, layer=0, ve=None):
+        x = x + self.attn(self.ln_1(x), kv_cache, layer, ve)  # pre-LayerNorm: the residual path stays clean
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -183,7 +226,7 @@ class GPT(nn.Module):
             modules["ln_e"] = RMSNorm()
         self.transformer = nn.ModuleDict(dict(
             **modules,
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             ln_f=make_norm(config),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -191,7 +234,11 @@ class GPT(nn.Module):
             self.transformer.wte.weight = self.lm_head.weight  # weight tying, as in GPT-2
         else:
             self.lm_head.ZERO_INIT = True  # modded-nanogpt's: the first steps predict the uniform distribution
+        add_nanochat_options(self, config)  # value embeddings, layer scalars, smear, backout: where asked for
         self.apply(self._init_weights)
+        if config.init == "nanochat":
+            init_nanochat(self)
+        init_nanochat_options(self)
         # training's memory lever (--activation-checkpointing): a block's activations are not kept for the
         # backward pass but computed again there, about a third more compute for a fraction of the memory
         self.activation_checkpointing = False
@@ -236,14 +283,24 @@ class GPT(nn.Module):
             x = x + self.transformer.wpe(pos)  # (B, T, C)
         if "ln_e" in self.transformer:  # rmsnorm models normalise the embedding too
             x = self.transformer.ln_e(x)
+        if self.config.smear:  # --smear: a share of the previous position's embedding
+            x = smear(self, x, kv_cache)
+        x0, middle = x, None
         for i, block in enumerate(self.transformer.h):
+            if self.config.layer_scalars:  # --layer-scalars: how much of the stream, and of x0, block i reads
+                x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None  # (B, T, C) or None
             if self.activation_checkpointing and kv_cache is None and torch.is_grad_enabled():
                 # keep only the block's input; backward runs the block again for the rest
-                x = checkpoint(block, x, use_reentrant=False, preserve_rng_state=False)  # no dropout
+                x = checkpoint(block, x, None, i, ve, use_reentrant=False, preserve_rng_state=False)  # no dropout
             else:
-                x = block(x, kv_cache, i)
+                x = block(x, kv_cache, i, ve)
+            if self.config.backout and i == self.config.n_layer // 2:
+                middle = x
         if kv_cache is not None:
             kv_cache.pos += T
+        if middle is not None:  # --backout: take out (a learned share of) the middle layer's features
+            x = x - self.backout_lambda.to(x.dtype) * middle
         x = self.transformer.ln_f(x)
         cap = self.config.logit_softcap
         if targets is not None and loss_chunk > 0 and logits_at is None:
@@ -354,6 +411,78 @@ class Rotary(nn.Module):
 
 
 # -----------------------------------------------------------------------------
+# nanochat's options (ModelOptions): value embeddings, per-layer scalars, smear, backout, and its initialisation.
+# Their parameters sit at the model's top level under nanochat's names (value_embeds.<layer>, resid_lambdas,
+# x0_lambdas, smear_gate, smear_lambda, backout_lambda), a value-embedding layer's gate in its attention (ve_gate).
+
+
+def add_nanochat_options(model: GPT, config: GPTConfig) -> None:
+    """The parameters of the options asked for (none for GPT-2: its state dict is unchanged)."""
+    V, C, L = config.vocab_size, config.n_embd, config.n_layer
+    model.value_embeds = nn.ModuleDict({str(i): nn.Embedding(V, C) for i in config.value_embed_layers()})
+    if config.layer_scalars:  # their values are set by init_nanochat_options
+        model.resid_lambdas = nn.Parameter(torch.ones(L))  # (L,)
+        model.x0_lambdas = nn.Parameter(torch.zeros(L))  # (L,)
+    if config.smear:
+        model.smear_gate = nn.Linear(SMEAR_CHANNELS, 1, bias=False)
+        model.smear_lambda = nn.Parameter(torch.zeros(1))
+    if config.backout:
+        model.backout_lambda = nn.Parameter(torch.zeros(1))
+
+
+@torch.no_grad()
+def init_nanochat_options(model: GPT) -> None:
+    """The options' own starting values, as nanochat's init_weights sets them: gates uniform in [0, 0.02) (just
+    above neutral), the smear off (lambda 0), backout 0.2, and per-layer scalars from 1.15 (resid) and 0.20 (x0) at
+    the first layer to 1.05 and 0.05 at the last: early layers amplify their input and read more of x0."""
+    L = model.config.n_layer
+    for gate in [*(b.attn.ve_gate for b in model.transformer.h if hasattr(b.attn, "ve_gate")),
+                 *([model.smear_gate] if model.config.smear else [])]:
+        nn.init.uniform_(gate.weight, 0.0, 0.02)
+    if model.config.layer_scalars:
+        depth = torch.arange(L, dtype=torch.float32) / max(L - 1, 1)  # 0 .. 1
+        model.resid_lambdas.copy_(1.15 - 0.10 * depth)
+        model.x0_lambdas.copy_(0.20 - 0.15 * depth)
+    if model.config.backout:
+        model.backout_lambda.fill_(0.2)
+
+
+@torch.no_grad()
+def init_nanochat(model: GPT) -> None:
+    """--init nanochat: wte normal(0.8) (RMSNorm follows it), lm_head normal(0.001); the blocks' q, k, v (or
+    c_attn) uniform in +-s, s = sqrt(3 / n_embd) (the std of normal(1/sqrt(n_embd)) without its outliers), c_fc
+    in +-0.4 s, both projections zero; value embeddings as v's matrix."""
+    s = (3 / model.config.n_embd) ** 0.5
+    nn.init.normal_(model.transformer.wte.weight, mean=0.0, std=0.8)
+    nn.init.normal_(model.lm_head.weight, mean=0.0, std=0.001)
+    for block in model.transformer.h:
+        attn = block.attn
+        for linear in (attn.c_q, attn.c_k, attn.c_v) if attn.split_qkv else (attn.c_attn,):
+            nn.init.uniform_(linear.weight, -s, s)
+        nn.init.uniform_(block.mlp.c_fc.weight, -0.4 * s, 0.4 * s)
+        nn.init.zeros_(attn.c_proj.weight)
+        nn.init.zeros_(block.mlp.c_proj.weight)
+    for table in model.value_embeds.values():
+        nn.init.uniform_(table.weight, -s, s)
+
+
+def smear(model: GPT, x: torch.Tensor, kv_cache: KVCache | None) -> torch.Tensor:
+    """--smear: x (B, T, C) with, from the sequence's second position on, x[t] + lambda * sigmoid(gate(x[t, :24]))
+    * x[t-1] (a cheap bigram: what came just before). With a KV cache, the cache keeps the last position's
+    embedding, so the first new position reads the one before it as the whole forward does."""
+    start = kv_cache.pos if kv_cache is not None else 0
+    if start > 0:  # the first new position's previous one is in the cache
+        cur, prev = x, torch.cat([kv_cache.last_embedding, x[:, :-1]], dim=1)
+    else:  # the first position has none: unchanged
+        cur, prev = x[:, 1:], x[:, :-1]
+    gate = model.smear_lambda.to(x.dtype) * torch.sigmoid(model.smear_gate(cur[..., :SMEAR_CHANNELS]))  # (B, T', 1)
+    out = cur + gate * prev
+    if kv_cache is not None:
+        kv_cache.last_embedding = x[:, -1:]
+    return out if start > 0 else torch.cat([x[:, :1], out], dim=1)
+
+
+# -----------------------------------------------------------------------------
 # The KV cache: generation's keys and values, so each new token costs one position
 
 
@@ -366,6 +495,19 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.pos = 0  # tokens already cached
+        self.last_embedding = None  # --smear: the last cached position's embedding (B, 1, C)
+
+    def repeat(self, batch_size: int, max_len: int) -> KVCache:
+        """A cache of batch_size rows (up to max_len positions), each starting with this one's row: a prefix
+        computed once for many continuations."""
+        out = KVCache.__new__(KVCache)
+        L, _, nh, _, hs = self.k.shape
+        out.k, out.v = (torch.zeros(L, batch_size, nh, max_len, hs, device=t.device, dtype=t.dtype)
+                        for t in (self.k, self.v))
+        out.k[:, :, :, :self.pos], out.v[:, :, :, :self.pos] = self.k[:, :1, :, :self.pos], self.v[:, :1, :, :self.pos]
+        out.pos = self.pos
+        out.last_embedding = None if self.last_embedding is None else self.last_embedding[:1].expand(batch_size, -1, -1)
+        return out
 
     def update(self, layer: int, k, v):
         T = k.size(2)

@@ -54,7 +54,17 @@ from support.flags import add_dataclass_flags
 from support.hf import export_main, read_model
 from support.long_runs import LongRunConfig, SpikeGuard, StopSignal
 from support.metrics import Metrics, TrackerConfig, duration, flops_per_token, peak_flops, peak_memory
-from support.modern_optim import base_lr, configure_muon, cooldown_steps, get_wsd_lr, muon_momentum, optimizer_lines
+from support.modern_optim import (
+    ADAMW_GROUPS,
+    MUON_VARIANTS,
+    WEIGHT_DECAY_SCHEDULES,
+    base_lr,
+    configure_muon,
+    cooldown_steps,
+    get_wsd_lr,
+    optimizer_lines,
+    set_muon_step,
+)
 from support.planner import GPU_MEMORY_GIB, PlanConfig, logits_warning, plan_report, usable_gib
 from support.sampling import SAMPLE_FLAG_ALIASES, SampleConfig, sample_main, sample_text
 from support.sharding import MemoryConfig
@@ -108,6 +118,14 @@ class TrainConfig:
     embed_lr: float | None = None  # muon: AdamW's peak lr for the embeddings (wte, wpe; tied, the head); default max-lr
     head_lr: float | None = None  # muon: AdamW's peak lr for an untied lm_head (default: --max-lr)
     scalar_lr: float | None = None  # muon: AdamW's peak lr for every vector: biases, norms' weights (default: --max-lr)
+    # --optimizer muon, nanochat's rules (support/modern_optim.py; value embeddings at half --embed-lr, resid_lambdas
+    # at --scalar-lr / 100, x0_lambdas at --scalar-lr, as nanochat)
+    muon_variant: str = "keller"  # muon: keller: torch.optim.Muon (Newton-Schulz); nanochat: Polar Express, NorMuon
+    muon_momentum_end: float | None = None  # muon: the momentum at the last step, down over the cooldown; None: flat
+    muon_weight_decay_schedule: str = "constant"  # muon: constant, or cosine to 0 at --max-steps (nanochat's)
+    adamw_groups: str = "shared"  # muon: shared: --beta1/--beta2 for all; nanochat: its betas and decays per group
+    lr_width_scale: bool = False  # muon: the embeddings' and head's lrs x sqrt(768 / n_embd) (nanochat's rule)
+    gate_lr: float = 0.2  # muon: AdamW's peak lr for --smear's and --backout's gates and scalars (nanochat's)
     # evaluation and samples
     eval_interval: int = 250  # validation, HellaSwag and samples every this many steps and at the last; 0: none
     target_val_loss: float = 0.0  # >0: stop at the first validation <= this, logging its tokens and training time
@@ -159,6 +177,9 @@ def build_train_parser() -> argparse.ArgumentParser:
         "shard": dict(choices=recipes.SHARDS),
         "optimizer": dict(choices=recipes.OPTIMIZERS),
         "schedule": dict(choices=recipes.SCHEDULES),
+        "muon_variant": dict(choices=MUON_VARIANTS),
+        "adamw_groups": dict(choices=ADAMW_GROUPS),
+        "muon_weight_decay_schedule": dict(choices=WEIGHT_DECAY_SCHEDULES),
         **{name: dict(choices=choices) for name, choices in MODEL_CHOICES.items()},
         **SAMPLE_FLAG_ALIASES,
     })
@@ -324,8 +345,7 @@ def set_schedule(run: Run, step: int) -> tuple[float, float | None]:
             group["lr"] = lr
     if run.muon is None:
         return run.optimizer.param_groups[0]["lr"], None
-    momentum = muon_momentum(step, cfg.muon_momentum_start, cfg.muon_momentum, cfg.muon_momentum_warmup)
-    run.muon.param_groups[0]["momentum"] = momentum
+    momentum = set_muon_step(run.muon, cfg, step)  # its momentum (and weight decay) schedule
     return run.muon.param_groups[0]["lr"], momentum
 
 

@@ -5,6 +5,8 @@ change of the modern one; several seeds each.
 
     python bench/bench_recipe.py                           # the quick start's shape on tiny Shakespeare, 3 seeds
     python bench/bench_recipe.py --ablate                  # + the GPT-2 recipe with each single change
+    python bench/bench_recipe.py --ablate --changes "+ smear,+ backout" --ablate-seeds 1   # some, on one seed
+    python bench/bench_recipe.py --nanochat-lrs 1,32       # + nanochat's recipe, its rules' lrs x 1 and x 32
     python bench/bench_recipe.py --data other.txt          # text the recipes' settings were not tuned on
     python bench/bench_recipe.py --preset speedrun --seeds 1 --max-steps 200 --device cuda   # bigger, on a GPU
 
@@ -48,7 +50,7 @@ import train_gpt2 as tg  # noqa: E402
 from bench.machine import device_name  # noqa: E402
 from support.distributed import resolve_device  # noqa: E402
 from support.flags import as_flag, flat_fields  # noqa: E402
-from support.recipes import recipe_values  # noqa: E402
+from support.recipes import NANOCHAT_ARCHITECTURE, NANOCHAT_OPTIMIZER, nanochat_rules, recipe_values  # noqa: E402
 
 # The recipes compared, as train_gpt2.py flags over --preset. --ablate adds the GPT-2 recipe plus each single
 # change of the modern one: the named fields of the modern recipe, at its values for the preset.
@@ -66,6 +68,17 @@ SINGLE_CHANGES = {
     "+ softcap": ("logit_softcap",),
     "+ wsd": ("schedule", "cooldown_frac", "min_lr_ratio"),
     "+ adamw settings": ("beta1", "beta2", "eps", "weight_decay", "grad_clip"),  # the modern recipe's AdamW
+    # nanochat's options, each with what it needs (a gain needs QK-norm, rope's base rope, its init an untied head)
+    "+ value embeds": ("value_embeds",),
+    "+ layer scalars": ("layer_scalars",),
+    "+ smear": ("smear",),
+    "+ backout": ("backout",),
+    "+ qk gain": ("qk_norm", "qk_gain"),
+    "+ rope base": ("pos_emb", "rope_base"),
+    "+ nanochat init": ("tie_embeddings", "init"),
+    "+ nanochat's muon": ("optimizer", "split_qkv", "muon_lr", "muon_momentum", "muon_momentum_start",
+                          "muon_momentum_warmup", "muon_weight_decay", "muon_variant", "muon_momentum_end",
+                          "muon_weight_decay_schedule"),  # its Muon and schedules; AdamW elsewhere as "+ muon"
 }
 
 
@@ -77,6 +90,15 @@ def single_change_flags(name: str, preset: str | None) -> list[str]:
     if all(values[k] == gpt2_values[k] for k in SINGLE_CHANGES[name]):
         values = recipe_values("modern", None)
     return ["--recipe", "gpt2", *(w for k in SINGLE_CHANGES[name] for w in as_flag(k, values[k]).split())]
+
+
+def nanochat_flags(cfg: tg.TrainConfig, mult: float) -> list[str]:
+    """The flags that train as nanochat's base_train.py (karpathy/nanochat at 92d63d4) would at cfg's shape and
+    batch: its model (every option, softcap 15), its optimizer and schedules, its rules' lrs x mult and Muon weight
+    decay (support/recipes.py:nanochat_rules)."""
+    rules = nanochat_rules(cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.vocab_size, cfg.total_batch_size, lr_mult=mult)
+    values = {**NANOCHAT_ARCHITECTURE, **NANOCHAT_OPTIMIZER, **rules}
+    return ["--recipe", "modern", *(w for k, v in values.items() for w in as_flag(k, v).split())]
 
 
 def worker(result: str, train_args: list[str], threads: int) -> None:
@@ -153,7 +175,7 @@ def table(results: dict, names: list[str], seeds: list[int]) -> list[str]:
              "time per token vs GPT-2 |",
              "| --- | --- | --- | --- | --- |"]
     for name in names:
-        ran = [s for s in seeds if (name, s) in results]  # an ablation runs on the first seed only
+        ran = [s for s in seeds if (name, s) in results]  # --ablate-seeds: on the first seeds only
         vals = [last_val(results[name, s]) for s in ran]
         reach = statistics.median(tokens_to_reach(results[name, s], target) for s in ran)
         spt = statistics.median(seconds_per_token(results[name, s]) for s in ran)
@@ -175,7 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="shakespeare", help="train_gpt2.py's preset, the shape and data (shakespeare)")
     p.add_argument("--seeds", default="1337,1338,1339", help="comma-separated model-init seeds, each recipe run once"
                    " per seed (1337,1338,1339)")
-    p.add_argument("--ablate", action="store_true", help="also the GPT-2 recipe plus each single change (first seed)")
+    p.add_argument("--ablate", action="store_true", help="also the GPT-2 recipe plus each single change")
+    p.add_argument("--ablate-seeds", type=int, default=0, help="--ablate's runs on the first N seeds (0: all)")
+    p.add_argument("--changes", default="", help="--ablate's rows, comma-separated names (e.g. '+ smear,+ backout'; "
+                   "default: all)")
+    p.add_argument("--also", action="append", default=[], metavar="NAME=FLAGS", help="also a recipe of your own: "
+                   "train_gpt2.py flags over --preset, e.g. 'modern, no smear=--recipe modern --no-smear'")
+    p.add_argument("--nanochat-lrs", default="", help="comma-separated multiples: also nanochat's recipe with its "
+                   "learning rates times each (1: as base_train.py sets them)")
     p.add_argument("--evals", type=int, default=18, help="validations per run, evenly spaced, and at the last step")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (2)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (1)")
@@ -190,11 +219,29 @@ def plan_runs(args, extra: list[str]) -> tuple[list[tuple[str, int, list[str]]],
     base = tg.parse_train_args(["--preset", args.preset, *extra])
     common = ["--preset", args.preset, "--eval-interval", str(max(1, base.max_steps // args.evals)),
               "--no-hellaswag", "--num-samples", "0", "--checkpoint-interval", "0"]
-    runs = [(name, seed, [*common, *flags, "--seed", str(seed)]) for seed in seeds for name, flags in RECIPES.items()]
+    runs = [(name, seed, [*common, *flags, "--seed", str(seed)]) for seed in seeds
+            for name, flags in compared(args, base).items()]
     if args.ablate:
-        runs += [(name, seeds[0], [*common, *single_change_flags(name, args.preset), "--seed", str(seeds[0])])
-                 for name in SINGLE_CHANGES]
+        runs += [(name, seed, [*common, *single_change_flags(name, args.preset), "--seed", str(seed)])
+                 for seed in seeds[:args.ablate_seeds or None] for name in ablated(args)]
     return [(name, seed, flags + extra) for name, seed, flags in runs], base
+
+
+def ablated(args) -> list[str]:
+    """--ablate's rows: --changes' names (each checked), or every single change."""
+    names = [n.strip() for n in args.changes.split(",") if n.strip()] or list(SINGLE_CHANGES)
+    unknown = [n for n in names if n not in SINGLE_CHANGES]
+    if unknown:
+        raise SystemExit(f"--changes {', '.join(unknown)}: not a row; use some of {', '.join(SINGLE_CHANGES)}")
+    return names
+
+
+def compared(args, base: tg.TrainConfig) -> dict[str, list[str]]:
+    """The recipes every seed runs: gpt2, modern, and nanochat's at each --nanochat-lrs multiple."""
+    mults = [float(m) for m in args.nanochat_lrs.split(",") if m]
+    also = dict(spec.split("=", 1) for spec in args.also)
+    return {**RECIPES, **{f"nanochat x{m:g}": nanochat_flags(base, m) for m in mults},
+            **{name: flags.split() for name, flags in also.items()}}
 
 
 def header(cfg: tg.TrainConfig, seeds: list[int], threads: int) -> str:
@@ -217,7 +264,7 @@ def main(argv=None) -> None:
         runs = [(name, seed, [*flags, "--log-dir", str(Path(tmp) / f"log_{i}")])
                 for i, (name, seed, flags) in enumerate(runs)]
         results = run_all(runs, args.jobs, args.threads, Path(tmp))
-    names = list(RECIPES) + (list(SINGLE_CHANGES) if args.ablate else [])
+    names = list(compared(args, base)) + (ablated(args) if args.ablate else [])
     print(header(base, seeds, args.threads))
     print()
     print("\n".join(table(results, names, seeds)))

@@ -125,7 +125,7 @@ stage hellaswag $PY hellaswag.py -m "$CKPT" -d "$DEVICE" --data-file "$WORK/hell
 stage export $PY train_gpt2.py export "$CKPT" "$WORK/hf"
 stage resume $PY "${TRAIN[@]}" --max-steps 14 --resume --checkpoint-interval 0
 
-# 3b. the modern recipe (RoPE, RMSNorm, QK-norm, ReLU^2, untied head; Muon and AdamW; WSD) on the same shapes:
+# 3b. the modern recipe (nanochat's model and optimizer: value embeddings, smear, NorMuon; WSD) on the same shapes:
 #     stopped after step 3 with a checkpoint, then resumed to the end
 MODERN=(train_gpt2.py --recipe modern --data "$WORK/shards" --log-dir "$WORK/modern" ${MODEL[@]+"${MODEL[@]}"}
         "${BATCH[@]}" --device "$DEVICE" $MODERN_COMPILE --eval-interval 3 --val-steps 2 --no-hellaswag

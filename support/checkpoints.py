@@ -297,6 +297,10 @@ def check_resumable(cfg, ckpt: dict, path: Path, world_size: int) -> None:
     if ckpt["args"].get("optimizer", "adamw") != cfg.optimizer:  # before the architecture options: muon sets one
         raise TrainError(f"--resume: the checkpoint's run had --optimizer {ckpt['args'].get('optimizer', 'adamw')}, "
                          f"this run {cfg.optimizer}: pass the flags (or --recipe) of the run that wrote it")
+    variant = ckpt["args"].get("muon_variant", "keller")  # its state's layout: momentum, or momentum and moments
+    if cfg.optimizer == "muon" and variant != cfg.muon_variant:
+        raise TrainError(f"--resume: the checkpoint's run had --muon-variant {variant}, this run {cfg.muon_variant}: "
+                         "pass the flags (or --recipe) of the run that wrote it")
     if cfg.init_from == "scratch":  # a checkpoint older than the architecture options has GPT-2's: filled in
         diff = _differences(dataclasses.asdict(GPTConfig(**ckpt["config"])), dataclasses.asdict(cfg.model_config()))
         if diff:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from gpt2 import GPT, GPT2_VOCAB_SIZE, RMS_NORM_EPS, GPTConfig
-from support.checkpoints import is_checkpoint, load_checkpoint, model_from_checkpoint
+from support.checkpoints import is_checkpoint, load_checkpoint, model_entries, model_from_checkpoint, save_checkpoint
 from support.files import atomic_write
 from support.tokenizer import EOT_TOKEN, hf_tokenizer_files
 
@@ -59,7 +59,15 @@ def hf_architecture(config: GPTConfig) -> str:
     if bad:
         raise ValueError(f"cannot export a model with {bad[0]} and --pos-emb {config.pos_emb}: no transformers class "
                          "computes it (GPT2LMHeadModel: learned positions, LayerNorm, no QK-norm, no softcap; "
-                         "NanoChatForCausalLM: rope, rmsnorm, QK-norm, no biases)")
+                         "NanoChatForCausalLM: rope, rmsnorm, QK-norm, no biases); --format pt exports any model")
+    nanochat_only = {"--value-embeds": config.value_embeds, "--layer-scalars": config.layer_scalars,
+                     "--smear": config.smear, "--backout": config.backout, f"--qk-gain {config.qk_gain:g}":
+                     config.qk_gain != 1}  # nanochat's own model has them; transformers' NanoChat (5.x) does not
+    bad = [flag for flag, used in nanochat_only.items() if used]
+    if bad:
+        raise ValueError(f"cannot export a model with {' '.join(bad)} as a Hugging Face folder: transformers' "
+                         f"{arch} does not compute {'it' if len(bad) == 1 else 'them'}; --format pt exports any model "
+                         "(our load_model reads it)")
     return arch
 
 
@@ -288,14 +296,23 @@ def load_model(name_or_path: str, device="cpu") -> GPT:
 
 
 def export_main(argv: list[str]) -> None:
-    """`train_gpt2.py export CHECKPOINT OUT_DIR`."""
+    """`train_gpt2.py export CHECKPOINT OUT_DIR` (a Hugging Face folder), or `... --format pt CHECKPOINT OUT.pt`."""
     p = argparse.ArgumentParser(prog="train_gpt2.py export",
                                 description="Write one of our checkpoints as a Hugging Face folder: a GPT2LMHeadModel "
-                                "(GPT-2's architecture) or a NanoChatForCausalLM (RoPE, RMSNorm, QK-norm, no biases).")
+                                "(GPT-2's architecture) or a NanoChatForCausalLM (RoPE, RMSNorm, QK-norm, no biases); "
+                                "or, --format pt, any model as a plain PyTorch file (weights + config).")
     p.add_argument("checkpoint", help="a model_XXXXX.pt written by training")
-    p.add_argument("out_dir", help="folder for config.json + model.safetensors")
+    p.add_argument("out", help="hf: a folder for config.json + model.safetensors; pt: a file OUT.pt")
+    p.add_argument("--format", choices=("hf", "pt"), default="hf", help="hf (default): for transformers; pt: "
+                   "{'model': state_dict, 'config': GPTConfig's fields}, which load_model and every script read")
     a = p.parse_args(argv)
     model = load_model(a.checkpoint)
-    save_pretrained(model, a.out_dir)  # a model no transformers class computes: a ValueError, nothing written
-    print(f"wrote {a.out_dir}: load it with AutoModelForCausalLM.from_pretrained({a.out_dir!r}) "
+    if a.format == "pt":
+        if not a.out.endswith(".pt"):
+            p.error(f"--format pt writes one file: give OUT a .pt name, not {a.out}")
+        save_checkpoint(a.out, model_entries(model))  # no optimizer, no training state
+        print(f"wrote {a.out}: load it with support.hf.load_model({a.out!r}), or torch.load(weights_only=True)")
+        return
+    save_pretrained(model, a.out)  # a model no transformers class computes: a ValueError, nothing written
+    print(f"wrote {a.out}: load it with AutoModelForCausalLM.from_pretrained({a.out!r}) "
           f"(a {hf_architecture(model.config)})")

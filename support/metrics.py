@@ -243,7 +243,6 @@ def flops_per_token(config: GPTConfig, T: int) -> int:
     (forward + backward; N all parameters, the tied embedding once, padded vocab included) + 6*L*C*T for
     attention's two T-long matmuls per layer, half of them skipped by the causal mask. (nanoGPT and the
     PaLM paper count 12*L*C*T without the discount and leave wpe out: about 6% more at T=1024.) An untied wte
-    is a lookup, not a matmul: left out of N (the head's matrix stays). A learned wpe, a lookup too, stays in N
-    as it always was (0.6% of GPT-2 124M's), so that GPT-2's MFU keeps its meaning."""
-    lookup = 0 if config.tie_embeddings else config.vocab_size * config.n_embd
-    return 6 * (config.num_parameters() - lookup) + 6 * config.n_layer * config.n_embd * T
+    and --value-embeds' tables are lookups, not matmuls: left out of N (the head's matrix stays). A learned wpe,
+    a lookup too, stays in N as it always was (0.6% of GPT-2 124M's), so that GPT-2's MFU keeps its meaning."""
+    return 6 * (config.num_parameters() - config.lookup_parameters()) + 6 * config.n_layer * config.n_embd * T

@@ -65,13 +65,17 @@ def logits_bytes(c: GPTConfig, tokens: int, dtype_bytes: int, loss_chunk: int) -
 
 def optimizer_state_bytes(cfg, n: int) -> dict[str, int]:
     """The optimizer state one GPU holds (n: the GPUs FSDP splits it over): AdamW's two fp32 moments a parameter;
-    under muon, Muon's one fp32 momentum buffer for the blocks' matrices and AdamW's two for each of its groups,
-    counted on the model the run builds (made on the meta device: no memory)."""
+    under muon, Muon's one fp32 momentum buffer for the blocks' matrices (and, nanochat's variant, NorMuon's second
+    moment: a vector a matrix) and AdamW's two for each of its groups, counted on the model the run builds (made on
+    the meta device: no memory)."""
     if cfg.optimizer == "adamw":
         return {"AdamW state (fp32 m, v)": 8 * cfg.model_config().num_parameters() // n}
     with torch.device("meta"):
-        groups = {k: sum(p.numel() for p in ps) for k, ps in muon_groups(GPT(cfg.model_config())).items()}
+        params = muon_groups(GPT(cfg.model_config()))
+    groups = {k: sum(p.numel() for p in ps) for k, ps in params.items()}
     parts = {"Muon momentum (fp32): block matrices": 4 * groups.pop("muon", 0) // n}
+    if cfg.muon_variant == "nanochat":  # NorMuon's second moment: one a neuron, along each matrix's longer side
+        parts["NorMuon second moments (fp32)"] = 4 * sum(max(p.shape) for p in params.get("muon", [])) // n
     return parts | {f"AdamW state (fp32 m, v): {k}": 8 * size // n for k, size in groups.items()}
 
 

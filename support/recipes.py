@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 
-from gpt2 import ModelOptions
+from gpt2 import VE_GATE_CHANNELS, GPTConfig, ModelOptions
 from support.data import dataset_dir
 from support.errors import TrainError
 from support.flags import as_flag, flat_fields
+from support.modern_optim import ADAMW_GROUPS, MUON_VARIANTS, WEIGHT_DECAY_SCHEDULES
 
 SHARDS = ("ddp", "fsdp")  # --shard's choices
 OPTIMIZERS = ("adamw", "muon")  # --optimizer's
@@ -60,40 +61,79 @@ PRESETS = {
 }
 
 # -----------------------------------------------------------------------------
+# nanochat's rules (karpathy/nanochat at 92d63d4, scripts/base_train.py): its d12's learning rates, tuned at 2**19
+# tokens a step, times sqrt(B / 2**19) for a batch of B tokens; its Muon weight decay 0.28 x sqrt(B / 2**19) x
+# D_ref / D, where D is the model's compute-optimal horizon, 12 tokens per scaling parameter (the blocks' matrices,
+# the value embeddings' gates, the head), and D_ref the same for its d12 (12 x 768 wide, 6 heads, vocab 32768).
+
+NANOCHAT_BATCH = 2 ** 19
+NANOCHAT_LRS = dict(muon_lr=0.02, embed_lr=0.3, head_lr=0.008, scalar_lr=0.5)  # gate_lr 0.2 is not batch-scaled
+NANOCHAT_WEIGHT_DECAY = 0.28
+
+
+def scaling_parameters(n_layer: int, n_head: int, n_embd: int, vocab_size: int) -> int:
+    """nanochat's scaling parameters for a model with every option on: the blocks' 12 C^2, one gate (12 channels
+    to each head) per value-embedding layer, the untied head."""
+    ve_layers = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, value_embeds=True).value_embed_layers()
+    return n_layer * 12 * n_embd ** 2 + len(ve_layers) * VE_GATE_CHANNELS * n_head + vocab_size * n_embd
+
+
+def nanochat_rules(n_layer: int, n_head: int, n_embd: int, vocab_size: int, total_batch_size: int,
+                   lr_mult: float = 1.0) -> dict:
+    """The lrs and Muon weight decay nanochat's base_train.py gives this shape and batch (lrs x lr_mult), to 4
+    significant digits."""
+    batch = (total_batch_size / NANOCHAT_BATCH) ** 0.5
+    ratio = scaling_parameters(12, 6, 768, 32768) / scaling_parameters(n_layer, n_head, n_embd, vocab_size)
+    values = {**{k: v * batch * lr_mult for k, v in NANOCHAT_LRS.items()},
+              "muon_weight_decay": NANOCHAT_WEIGHT_DECAY * batch * ratio}
+    return {k: float(f"{v:.4g}") for k, v in values.items()}
+
+
+# -----------------------------------------------------------------------------
 # Recipes (--recipe): what a recipe sets over a preset's values (and explicit flags over a recipe's). "gpt2" sets
-# nothing: the defaults and presets are GPT-2's recipe. "modern" is modded-nanogpt's speedrun: its architecture
-# (records 5-9: RoPE, QK-norm, ReLU^2, zero-initialised projections, untied zero-initialised head, RMSNorm also after
-# the embedding, logit softcap 30), Muon on the blocks' matrices with a momentum warmup, AdamW elsewhere, a WSD
-# schedule. "*" holds its general values, used with every preset that has no entry of its own; a preset's entry
-# goes over them.
+# nothing: the defaults and presets are GPT-2's recipe. "modern" is nanochat's: modded-nanogpt's architecture
+# (RoPE, QK-norm, ReLU^2, no biases, an untied head, RMSNorm also after the embedding, logit softcap) with nanochat's
+# additions (value embeddings, per-layer residual and x0 scalars, the smear and back-out gates, q/k gain 1.2, rotary
+# base 100,000, its initialisation), Polar Express / NorMuon on the blocks' matrices, AdamW with nanochat's per-group
+# betas and decays elsewhere, its warmup, warmdown and momentum/weight-decay schedules. "*" holds its general values,
+# used with every preset that has no entry of its own; a preset's entry goes over them.
 
 MODERN_ARCHITECTURE = dict(pos_emb="rope", norm="rmsnorm", qk_norm=True, mlp="relu2", bias=False, split_qkv=True,
                            tie_embeddings=False, zero_init_proj=True, logit_softcap=30.0)
+NANOCHAT_ARCHITECTURE = dict(**MODERN_ARCHITECTURE | dict(logit_softcap=15.0), rope_base=100000.0, qk_gain=1.2,
+                             value_embeds=True, layer_scalars=True, smear=True, backout=True, init="nanochat")
+NANOCHAT_OPTIMIZER = dict(
+    optimizer="muon", muon_variant="nanochat", adamw_groups="nanochat", lr_width_scale=True, gate_lr=0.2,
+    muon_momentum_start=0.85, muon_momentum=0.97, muon_momentum_warmup=400, muon_momentum_end=0.90,
+    muon_weight_decay_schedule="cosine", beta1=0.8, beta2=0.95, eps=1e-10, weight_decay=0.0, grad_clip=0.0,
+    schedule="wsd", warmup_steps=40, cooldown_frac=0.65, min_lr_ratio=0.05)
 RECIPES = {
     "gpt2": {},
     "modern": {
-        # records/track_1_short/2024-11-08_CastBf16 (record 10, the last without U-net skips, whose lrs record 11
-        # doubled): Muon 0.02 with momentum 0.85 -> 0.95 over 500 steps, Adam 0.3 on wte, 0.002 on the head, 0.02
-        # on vectors, no weight decay, no warmup, a cooldown over its last 926/3242 ~ 0.3, no clipping; AdamW's
-        # betas 0.8/0.95 and eps 1e-10 are the later records' (and nanochat's)
-        "*": dict(**MODERN_ARCHITECTURE, optimizer="muon", muon_lr=0.02, muon_momentum=0.95, muon_momentum_start=0.85,
-                  muon_momentum_warmup=500, muon_weight_decay=0.0, embed_lr=0.3, head_lr=0.002, scalar_lr=0.02,
-                  beta1=0.8, beta2=0.95, eps=1e-10, weight_decay=0.0, grad_clip=0.0, schedule="wsd",
-                  warmup_steps=0, cooldown_frac=0.3, min_lr_ratio=0.0),
-        # the quick start's modern twin, tuned on tiny Shakespeare's validation split (one seed, 594 steps; each
-        # value against the one before, bench/bench_recipe.py's worker): Muon 0.01 (val 4.93; 0.02: 5.01, 0.04:
-        # 5.11); AdamW 3e-2 on the embedding (the preset's; 0.1: 5.01), 2e-2 on the head (0.01: 5.03); no weight
-        # decay (0.1: 5.04); no softcap: at 32 wide the logits stay far from 30 (val 5.0066 without, 5.0081
-        # with), while capping the 50304-wide logits cost 25% of each step here. Then reported on text it was
-        # not tuned on (README). The preset's 20 warmup steps; the momentum warmup over a sixth of the run
-        "shakespeare": dict(muon_lr=0.01, embed_lr=3e-2, head_lr=2e-2, scalar_lr=0.02, warmup_steps=20,
-                            muon_momentum_warmup=100, logit_softcap=0.0),
-        # record 11 (records/track_1_short/2024-11-10_UNetDoubleLr, the script in its log): Muon 0.04, momentum
-        # 0.85 -> 0.95 over 500 steps; Adam (betas 0.9/0.95, torch's eps 1e-8) 0.6 on wte, 0.008 on the head,
-        # 0.04 on vectors; weight decay 0; no warmup; the last 900 of 3000 steps cool down to 0; no clipping.
-        # Its doubled lrs came with its U-net skips, which our model lacks
-        "speedrun": dict(muon_lr=0.04, embed_lr=0.6, head_lr=0.008, scalar_lr=0.04, beta1=0.9, beta2=0.95, eps=1e-8,
-                         muon_momentum_warmup=500, warmup_steps=0, cooldown_frac=0.3),
+        # nanochat's d12 (12 x 768 wide, GPT-2 124M's shape) as base_train.py trains it, with our vocab (50304): lrs
+        # 0.02 Muon, 0.3 wte, 0.008 head, 0.5 scalars, 0.2 gates at 2**19 tokens a step; Muon weight decay by its
+        # rule (0.249 here: the larger vocab's head lengthens D), cosine to 0; momentum 0.85 -> 0.97 over 400 steps,
+        # down to 0.90 over the warmdown; 40 warmup steps, the last 65% of steps down to 5%; no clipping
+        "*": dict(**NANOCHAT_ARCHITECTURE, **NANOCHAT_OPTIMIZER, **nanochat_rules(12, 12, 768, 50304, NANOCHAT_BATCH)),
+        # the quick start's modern twin (4 x 32 wide, 1,024 tokens a step), tuned on tiny Shakespeare's validation
+        # split (val at step 593, bench/bench_recipe.py's worker): nanochat's rules at this batch give lrs too small
+        # for 594 steps (5.55, seed 1337); x16 4.71, x32 4.70, x48 4.67, x64 4.84: x48. No softcap: at 32 wide the
+        # logits stay far from 15 (x32: 4.690 without, 4.698 with), and capping the 50304-wide logits costs 20% of
+        # each step here. The cooldown to 15% of the peak, not 5%: seeds 1338, 1339 4.62, 4.50 (5%: 4.79, 4.71;
+        # 0%: 4.92, 4.82). Then reported on text it was not tuned on (docs/fast-track.md)
+        "shakespeare": dict(**nanochat_rules(4, 2, 32, 50304, 1024, lr_mult=48), logit_softcap=0.0, min_lr_ratio=0.15),
+        # modded-nanogpt's record 11 (records/track_1_short/2024-11-10_UNetDoubleLr, the script in its log), in
+        # full over the general values: record 10's architecture (softcap 30, rotary base 10,000, none of
+        # nanochat's options), torch's Muon at 0.04 with momentum 0.85 -> 0.95 over 500 steps, kept to the end;
+        # Adam (betas 0.9/0.95, torch's eps 1e-8) 0.6 on wte, 0.008 on the head, 0.04 on vectors; no weight
+        # decay; no warmup; the last 900 of 3000 steps down to 0; no clipping. Its doubled lrs came with its U-net
+        # skips, which our model lacks
+        "speedrun": dict(**{k: getattr(ModelOptions(), k) for k in NANOCHAT_ARCHITECTURE} | MODERN_ARCHITECTURE,
+                         muon_variant="keller", adamw_groups="shared", lr_width_scale=False, muon_lr=0.04,
+                         muon_momentum_start=0.85, muon_momentum=0.95, muon_momentum_warmup=500,
+                         muon_momentum_end=0.95, muon_weight_decay=0.0, muon_weight_decay_schedule="constant",
+                         embed_lr=0.6, head_lr=0.008, scalar_lr=0.04, beta1=0.9, beta2=0.95, eps=1e-8,
+                         warmup_steps=0, cooldown_frac=0.3, min_lr_ratio=0.0),
     },
 }
 
@@ -125,7 +165,8 @@ def recipe_lines(cfg) -> list[str]:
 
 
 MUON_FLAGS = ("muon_lr", "muon_momentum", "muon_momentum_start", "muon_momentum_warmup", "muon_weight_decay",
-              "embed_lr", "head_lr", "scalar_lr")  # what only --optimizer muon reads
+              "embed_lr", "head_lr", "scalar_lr", "muon_variant", "muon_momentum_end", "muon_weight_decay_schedule",
+              "adamw_groups", "lr_width_scale", "gate_lr")  # what only --optimizer muon reads
 
 
 def layered_values(args: dict) -> dict:
@@ -164,11 +205,17 @@ def check_recipe(cfg) -> None:
                          "parameters, and each matrix must be orthogonalised whole: use --shard ddp")
     if cfg.optimizer == "muon" and cfg.init_from == "scratch" and not cfg.model.split_qkv:
         raise TrainError("--optimizer muon orthogonalises q, k and v one by one: it needs --split-qkv")
-    momenta = (cfg.muon_momentum_start, cfg.muon_momentum)
-    lrs = [v for v in (cfg.muon_lr, cfg.embed_lr, cfg.head_lr, cfg.scalar_lr) if v is not None]
+    choices = {"muon_variant": MUON_VARIANTS, "adamw_groups": ADAMW_GROUPS,
+               "muon_weight_decay_schedule": WEIGHT_DECAY_SCHEDULES}
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise TrainError(f"{as_flag(name, getattr(cfg, name))}: use one of {', '.join(allowed)}")
+    momenta = (cfg.muon_momentum_start, cfg.muon_momentum,
+               *([cfg.muon_momentum_end] if cfg.muon_momentum_end is not None else []))
+    lrs = [v for v in (cfg.muon_lr, cfg.embed_lr, cfg.head_lr, cfg.scalar_lr, cfg.gate_lr) if v is not None]
     if not all(0 <= m < 1 for m in momenta) or cfg.muon_momentum_warmup < 0 or min(lrs) < 0:
-        raise TrainError("--muon-momentum and --muon-momentum-start take a momentum in [0, 1), --muon-momentum-warmup "
-                         "a number of steps >= 0, the lrs numbers >= 0")
+        raise TrainError("--muon-momentum, --muon-momentum-start and --muon-momentum-end take a momentum in [0, 1), "
+                         "--muon-momentum-warmup a number of steps >= 0, the lrs numbers >= 0")
     if cfg.schedule == "wsd" and not 0 < cfg.cooldown_frac <= 1:
         raise TrainError(f"--cooldown-frac {cfg.cooldown_frac}: give the fraction of steps that cool down, in (0, 1]")
     if cfg.target_val_loss < 0 or (cfg.target_val_loss > 0 and cfg.eval_interval <= 0):

@@ -134,13 +134,34 @@ def test_bench_recipe_tokens_to_reach_interpolates_between_evaluations():
 
 
 def test_bench_recipe_ablation_flags_are_the_modern_recipes_values():
+    # the quick start's modern twin has no softcap: the general value (nanochat's 15)
     assert bench_recipe.single_change_flags("+ softcap", "shakespeare") == ["--recipe", "gpt2", "--logit-softcap",
-                                                                              "30.0"]
+                                                                              "15.0"]
+    assert bench_recipe.single_change_flags("+ value embeds", "shakespeare") == ["--recipe", "gpt2", "--value-embeds"]
+    assert bench_recipe.single_change_flags("+ nanochat init", "shakespeare") == ["--recipe", "gpt2",
+                                                                                   "--no-tie-embeddings", "--init",
+                                                                                   "nanochat"]
     flags = bench_recipe.single_change_flags("+ muon", "shakespeare")
     cfg = train_gpt2.parse_train_args(["--preset", "shakespeare", *flags])
     modern = train_gpt2.parse_train_args(["--preset", "shakespeare", "--recipe", "modern"])
     assert cfg.optimizer == "muon" and cfg.muon_lr == modern.muon_lr and cfg.model.pos_emb == "learned"
     assert cfg.muon_momentum_warmup == modern.muon_momentum_warmup and cfg.max_lr == 3e-2  # AdamW: the preset's
+
+
+def test_bench_recipe_nanochat_rows_are_base_train_pys_rules():
+    base = train_gpt2.parse_train_args(["--preset", "shakespeare"])
+    cfg = train_gpt2.parse_train_args(["--preset", "shakespeare", *bench_recipe.nanochat_flags(base, 1.0)])
+    batch = (1024 / 2 ** 19) ** 0.5  # base_train.py's lrs x sqrt(B / 2**19), with B = 1,024 tokens a step
+    assert (cfg.muon_lr, cfg.embed_lr, cfg.scalar_lr) == pytest.approx((0.02 * batch, 0.3 * batch, 0.5 * batch),
+                                                                       rel=1e-3)
+    assert cfg.model.logit_softcap == 15.0 and cfg.model.value_embeds and cfg.model.smear and cfg.model.backout
+    assert (cfg.muon_variant, cfg.adamw_groups, cfg.warmup_steps, cfg.cooldown_frac) == ("nanochat", "nanochat", 40,
+                                                                                         0.65)
+    x32 = train_gpt2.parse_train_args(["--preset", "shakespeare", *bench_recipe.nanochat_flags(base, 32.0)])
+    assert x32.muon_lr == pytest.approx(32 * cfg.muon_lr, rel=1e-3) and x32.muon_weight_decay == cfg.muon_weight_decay
+    args = bench_recipe.build_parser().parse_args(["--ablate", "--changes", "+ smear, + nope"])
+    with pytest.raises(SystemExit, match=r"--changes \+ nope: not a row"):
+        bench_recipe.ablated(args)
 
 
 def test_bench_recipe_table_on_tiny_runs(capsys):

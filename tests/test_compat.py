@@ -8,6 +8,7 @@ a run of 6 steps stopped after step 2 (its checkpoint, {recipe}_model_00002.pt) 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import subprocess
@@ -18,6 +19,7 @@ import pytest
 import torch
 from test_train import REPO, write_shards
 
+import gpt2
 import train_gpt2 as tg
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -26,6 +28,16 @@ FIXTURE_ARGS = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-si
                 "--warmup-steps", "2", "--eval-interval", "3", "--val-steps", "2", "--no-hellaswag", "--num-samples",
                 "0", "--device", "cpu", "--no-compile", "--max-lr", "1e-2", "--checkpoint-interval", "100"]
 TIMINGS = ("tokens_per_sec", "mfu")  # log.txt's lines that depend on the machine's speed
+# the recipe the fixtures' modern runs had (record 10's), as flags: --recipe modern has since become nanochat's
+RECIPE_FLAGS = {
+    "gpt2": ["--recipe", "gpt2"],
+    "modern": ["--recipe", "modern", "--logit-softcap", "30", "--rope-base", "10000", "--qk-gain", "1",
+               "--no-value-embeds", "--no-layer-scalars", "--no-smear", "--no-backout", "--init", "gpt2",
+               "--muon-variant", "keller", "--adamw-groups", "shared", "--no-lr-width-scale", "--muon-lr", "0.02",
+               "--muon-momentum", "0.95", "--muon-momentum-end", "0.95", "--muon-momentum-warmup", "500",
+               "--muon-weight-decay", "0", "--muon-weight-decay-schedule", "constant", "--embed-lr", "0.3",
+               "--head-lr", "0.002", "--scalar-lr", "0.02", "--cooldown-frac", "0.3", "--min-lr-ratio", "0"],
+}
 
 # sha256 of the files `train_gpt2.py export` wrote from each fixture with the earlier code
 EXPORTS = {
@@ -66,7 +78,7 @@ def test_a_checkpoint_of_the_earlier_code_resumes_with_the_losses_it_logged(tmp_
     uninterrupted run logs."""
     shards = write_shards(tmp_path / "shards")
     args = lambda log_dir, *extra: [sys.executable, str(REPO / "train_gpt2.py"), "--data", str(shards), "--log-dir",
-                                    str(log_dir), *FIXTURE_ARGS, "--recipe", recipe, *extra]
+                                    str(log_dir), *FIXTURE_ARGS, *RECIPE_FLAGS[recipe], *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     resumed = subprocess.run(args(tmp_path / "resumed", "--resume", str(FIXTURES / f"{recipe}_model_00002.pt")),
                              capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
@@ -77,7 +89,10 @@ def test_a_checkpoint_of_the_earlier_code_resumes_with_the_losses_it_logged(tmp_
     # and the checkpoint it writes has the same entries, its arguments under the same names (and new flags' beside)
     old = torch.load(FIXTURES / f"{recipe}_model_00002.pt", weights_only=True)
     new = torch.load(tmp_path / "resumed" / "model_00005.pt", weights_only=True)
-    assert new.keys() == old.keys() and new["args"].keys() >= old["args"].keys() and new["config"] == old["config"]
+    assert new.keys() == old.keys() and new["args"].keys() >= old["args"].keys()
+    defaults = dataclasses.asdict(gpt2.GPTConfig())  # options added since: at GPT-2's values, as the old model ran
+    assert {k: new["config"][k] for k in old["config"]} == old["config"]
+    assert all(new["config"][k] == defaults[k] for k in new["config"].keys() - old["config"].keys())
     straight = subprocess.run(args(tmp_path / "straight"), capture_output=True, text=True, env=env, cwd=REPO,
                               timeout=120)
     assert straight.returncode == 0, straight.stderr[-3000:]

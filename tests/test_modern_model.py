@@ -105,19 +105,28 @@ def reference_logits(model: GPT, idx: torch.Tensor) -> torch.Tensor:
         x = x + W["transformer.wpe.weight"][:T]
     if c.norm == "rmsnorm":
         x = rms(x)
+    if c.smear:  # nanochat's: position t >= 1 plus lambda * sigmoid(gate . x[t, :24]) times position t-1
+        g = W["smear_lambda"] * torch.sigmoid(x[:, 1:, :24] @ W["smear_gate.weight"].T)  # (B, T-1, 1)
+        x = torch.cat([x[:, :1], x[:, 1:] + g * x[:, :-1]], dim=1)
+    x0, middle = x, None
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     for layer in range(c.n_layer):
         p = f"transformer.h.{layer}."
+        if c.layer_scalars:
+            x = W["resid_lambdas"][layer] * x + W["x0_lambdas"][layer] * x0
         h = norm(x, p + "ln_1")
         if c.split_qkv:
             q, k, v = (lin(h, p + f"attn.c_{n}") for n in "qkv")
         else:
             q, k, v = lin(h, p + "attn.c_attn").split(C, dim=-1)
         q, k, v = heads(q), heads(k), heads(v)
+        if f"value_embeds.{layer}.weight" in W:  # ResFormer's: v plus a per-head gate in (0, 3) times the table's row
+            gate = 3 * torch.sigmoid(h[..., :12] @ W[p + "attn.ve_gate.weight"].T)  # (B, T, nh)
+            v = v + gate.transpose(1, 2)[..., None] * heads(W[f"value_embeds.{layer}.weight"][idx])
         if c.pos_emb == "rope":
             q, k = rope_by_complex(q, c.rope_base), rope_by_complex(k, c.rope_base)
         if c.qk_norm:
-            q, k = rms(q), rms(k)
+            q, k = rms(q) * c.qk_gain, rms(k) * c.qk_gain
         att = (q @ k.transpose(-1, -2) / math.sqrt(hs)).masked_fill(~causal, float("-inf")).softmax(-1)
         x = x + lin((att @ v).transpose(1, 2).reshape(B, T, C), p + "attn.c_proj")
         h = lin(norm(x, p + "ln_2"), p + "mlp.c_fc")
@@ -126,6 +135,10 @@ def reference_logits(model: GPT, idx: torch.Tensor) -> torch.Tensor:
         else:
             h = 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h ** 3)))
         x = x + lin(h, p + "mlp.c_proj")
+        if c.backout and layer == c.n_layer // 2:
+            middle = x
+    if middle is not None:  # the middle layer's stream, a learned share of it taken out
+        x = x - W["backout_lambda"] * middle
     logits = norm(x, "transformer.ln_f") @ W["lm_head.weight"].T
     return c.logit_softcap * torch.tanh(logits / c.logit_softcap) if c.logit_softcap else logits
 
