@@ -55,7 +55,7 @@ class ModelOptions:
     value_embeds: bool = False  # ResFormer's value embeddings: on alternate layers (the last included) a token
     #                             embedding of its own added to v, through a learned gate per head
     layer_scalars: bool = False  # learned per-layer scalars: block i reads resid_lambdas[i] * x + x0_lambdas[i] * x0
-    #                              (x0: the embedding, after its norm)
+    #                              (x0: what the first block reads: the embedding, after ln_e and --smear)
     smear: bool = False  # each position's embedding plus a learned, gated share of the previous position's
     backout: bool = False  # the middle layer's residual stream, times a learned scalar, subtracted before ln_f
     init: str = "gpt2"  # gpt2: normal(0.02), residual projections scaled down; nanochat: wte normal(0.8), lm_head
@@ -161,7 +161,7 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.size()
         q, k, v = self.qkv(x)
         if ve is not None:  # --value-embeds (ResFormer): v + gate * ve, the gate in (0, 3) per head and position
-            gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))  # (B, T, nh)
+            gate = 3 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate.in_features]))  # (B, T, nh)
             v = v + (gate.unsqueeze(-1) * ve.view(B, T, self.n_head, C // self.n_head)).view(B, T, C)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
@@ -449,9 +449,10 @@ def init_nanochat_options(model: GPT) -> None:
 
 @torch.no_grad()
 def init_nanochat(model: GPT) -> None:
-    """--init nanochat: wte normal(0.8) (RMSNorm follows it), lm_head normal(0.001); the blocks' q, k, v (or
-    c_attn) uniform in +-s, s = sqrt(3 / n_embd) (the std of normal(1/sqrt(n_embd)) without its outliers), c_fc
-    in +-0.4 s, both projections zero; value embeddings as v's matrix."""
+    """--init nanochat: wte normal(0.8) (nanochat normalises it: with --norm rmsnorm, ln_e), lm_head
+    normal(0.001); the blocks' q, k, v (or c_attn) uniform in +-s, s = sqrt(3 / n_embd) (the std of
+    normal(1/sqrt(n_embd)) without its outliers), c_fc in +-0.4 s, both projections zero; value embeddings as v's
+    matrix."""
     s = (3 / model.config.n_embd) ** 0.5
     nn.init.normal_(model.transformer.wte.weight, mean=0.0, std=0.8)
     nn.init.normal_(model.lm_head.weight, mean=0.0, std=0.001)
@@ -475,7 +476,7 @@ def smear(model: GPT, x: torch.Tensor, kv_cache: KVCache | None) -> torch.Tensor
         cur, prev = x, torch.cat([kv_cache.last_embedding, x[:, :-1]], dim=1)
     else:  # the first position has none: unchanged
         cur, prev = x[:, 1:], x[:, :-1]
-    gate = model.smear_lambda.to(x.dtype) * torch.sigmoid(model.smear_gate(cur[..., :SMEAR_CHANNELS]))  # (B, T', 1)
+    gate = model.smear_lambda.to(x.dtype) * torch.sigmoid(model.smear_gate(cur[..., :model.smear_gate.in_features]))
     out = cur + gate * prev
     if kv_cache is not None:
         kv_cache.last_embedding = x[:, -1:]

@@ -121,7 +121,7 @@ class TrainConfig:
     # --optimizer muon, nanochat's rules (support/modern_optim.py; value embeddings at half --embed-lr, resid_lambdas
     # at --scalar-lr / 100, x0_lambdas at --scalar-lr, as nanochat)
     muon_variant: str = "keller"  # muon: keller: torch.optim.Muon (Newton-Schulz); nanochat: Polar Express, NorMuon
-    muon_momentum_end: float | None = None  # muon: the momentum at the last step, down over the cooldown; None: flat
+    muon_momentum_end: float | None = None  # muon: the momentum at the last step, down over the last --cooldown-frac
     muon_weight_decay_schedule: str = "constant"  # muon: constant, or cosine to 0 at --max-steps (nanochat's)
     adamw_groups: str = "shared"  # muon: shared: --beta1/--beta2 for all; nanochat: its betas and decays per group
     lr_width_scale: bool = False  # muon: the embeddings' and head's lrs x sqrt(768 / n_embd) (nanochat's rule)

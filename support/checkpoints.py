@@ -26,6 +26,7 @@ from gpt2 import GPT, GPTConfig
 from support.distributed import Dist, patient_collectives, rank_0_first
 from support.errors import TrainError, one_line
 from support.files import atomic_write, fsync_folder, remove_stale_temp_files
+from support.flags import as_flag
 from support.sharding import is_sharded, load_weights, shard_optimizer_state, whole_state
 
 
@@ -297,10 +298,15 @@ def check_resumable(cfg, ckpt: dict, path: Path, world_size: int) -> None:
     if ckpt["args"].get("optimizer", "adamw") != cfg.optimizer:  # before the architecture options: muon sets one
         raise TrainError(f"--resume: the checkpoint's run had --optimizer {ckpt['args'].get('optimizer', 'adamw')}, "
                          f"this run {cfg.optimizer}: pass the flags (or --recipe) of the run that wrote it")
-    variant = ckpt["args"].get("muon_variant", "keller")  # its state's layout: momentum, or momentum and moments
-    if cfg.optimizer == "muon" and variant != cfg.muon_variant:
-        raise TrainError(f"--resume: the checkpoint's run had --muon-variant {variant}, this run {cfg.muon_variant}: "
-                         "pass the flags (or --recipe) of the run that wrote it")
+    # under muon, what the optimizers' state holds (Muon's buffers; AdamW's groups, their betas, decays and lr
+    # scales, which load_optimizer_state restores from the checkpoint): the checkpoint's, or an error
+    earlier = dict(muon_variant="keller", adamw_groups="shared", lr_width_scale=False)  # before these flags
+    for name, before in earlier.items() if cfg.optimizer == "muon" else ():
+        had = ckpt["args"].get(name, before)
+        if had != getattr(cfg, name):
+            raise TrainError(f"--resume: the checkpoint's run had {as_flag(name, had)}, this run "
+                             f"{as_flag(name, getattr(cfg, name))}: pass the flags (or --recipe) of the run that "
+                             "wrote it")
     if cfg.init_from == "scratch":  # a checkpoint older than the architecture options has GPT-2's: filled in
         diff = _differences(dataclasses.asdict(GPTConfig(**ckpt["config"])), dataclasses.asdict(cfg.model_config()))
         if diff:

@@ -98,6 +98,7 @@ NANOCHAT_GROUPS = {"embed": ((0.8, 0.995), 0.001), "value_embed": ((0.8, 0.995),
                    "scalar": ((0.8, 0.95), 0.0), "x0": ((0.96, 0.95), 0.0), "resid": ((0.8, 0.95), 0.05),
                    "gate": ((0.8, 0.95), 0.0)}
 WIDTH_SCALED = ("embed", "value_embed", "head")  # --lr-width-scale: lr x sqrt(768 / n_embd), nanochat's rule
+REFERENCE_WIDTH = 768  # nanochat's d12, where its lrs were tuned (--lr-width-scale; support/recipes.py's rules)
 MUON_VARIANTS = ("keller", "nanochat")  # --muon-variant's choices
 ADAMW_GROUPS = ("shared", "nanochat")  # --adamw-groups'
 WEIGHT_DECAY_SCHEDULES = ("constant", "cosine")  # --muon-weight-decay-schedule's
@@ -133,7 +134,8 @@ def adamw_group(kind: str, params: list, cfg, width: int) -> dict:
         betas, decay = NANOCHAT_GROUPS[kind]
     else:
         betas, decay = (cfg.beta1, cfg.beta2), cfg.weight_decay if kind in ("embed", "head", "value_embed") else 0.0
-    scale = GROUP_LRS[kind][1] * ((768 / width) ** 0.5 if cfg.lr_width_scale and kind in WIDTH_SCALED else 1.0)
+    wide = (REFERENCE_WIDTH / width) ** 0.5 if cfg.lr_width_scale and kind in WIDTH_SCALED else 1.0
+    scale = GROUP_LRS[kind][1] * wide
     return {"params": params, "name": kind, "betas": betas, "weight_decay": decay, "lr_scale": scale}
 
 
@@ -180,9 +182,11 @@ def muon_momentum(step: int, start: float, end: float, warmup_steps: int) -> flo
 
 
 def muon_momentum_at(step: int, cfg) -> float:
-    """muon_momentum's warmup; then, with --muon-momentum-end, linear from --muon-momentum down to it over the wsd
-    cooldown (nanochat's 0.97 -> 0.90; where the cooldown starts inside the warmup, from where it stands there)."""
-    if step < cfg.muon_momentum_warmup or cfg.muon_momentum_end is None:
+    """muon_momentum's warmup; then, with --muon-momentum-end, on the line from --muon-momentum down to it over the
+    last --cooldown-frac of the steps (nanochat's 0.97 -> 0.90 over its warmdown). As nanochat's get_muon_momentum:
+    where the cooldown starts inside the warmup, the momentum steps from the warmup onto that line when the warmup
+    ends (the quick start: 0.9697 at step 399, 0.9352 at 400)."""
+    if step < cfg.muon_momentum_warmup or cfg.muon_momentum_end in (None, cfg.muon_momentum):
         return muon_momentum(step, cfg.muon_momentum_start, cfg.muon_momentum, cfg.muon_momentum_warmup)
     cooldown = cooldown_steps(cfg.max_steps, cfg.cooldown_frac)
     frac = min(max(step - (cfg.max_steps - cooldown), 0) / cooldown, 1.0)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gpt2 import GPT, GPTConfig
+from gpt2 import GPT, SMEAR_CHANNELS, GPTConfig
 from support.metrics import flops_per_token, peak_for_name
 from support.modern_optim import muon_groups
 
@@ -46,12 +46,22 @@ def block_activation_bytes(c: GPTConfig, dtype_bytes: int) -> int:
     return 8 * c.n_embd + 14 * c.n_embd * dtype_bytes + 4 * (4 + c.n_head)
 
 
+def option_activation_bytes(c: GPTConfig) -> int:
+    """What nanochat's options add per token (fp32), with or without checkpointing: under --layer-scalars each
+    block's unmixed stream (4C a layer); each value embedding (4C; a checkpointed block's input too); --smear's
+    shifted copy (4C) and its gate's input. The back-out's middle stream is the next block's input, kept anyway
+    (tests/test_plan.py measures each)."""
+    C = c.n_embd
+    return (4 * C * (c.n_layer * c.layer_scalars + len(c.value_embed_layers()) + c.smear)
+            + 4 * SMEAR_CHANNELS * c.smear)
+
+
 def saved_activation_bytes(c: GPTConfig, tokens: int, dtype_bytes: int, checkpointing: bool) -> int:
     """What autograd keeps for the backward pass at the end of the forward, but the logits: each block's
     activations, or with checkpointing only each block's input (4C a token) plus the one block recomputed
-    during the backward pass at a time; then ln_f and lm_head's input."""
+    during the backward pass at a time; then ln_f and lm_head's input; and what the options keep."""
     C, block = c.n_embd, block_activation_bytes(c, dtype_bytes)
-    per_token = c.n_layer * (4 * C if checkpointing else block) + 8 * C
+    per_token = c.n_layer * (4 * C if checkpointing else block) + 8 * C + option_activation_bytes(c)
     return tokens * per_token + (tokens * block if checkpointing else 0)  # + the block being recomputed
 
 

@@ -13,7 +13,7 @@ from gpt2 import VE_GATE_CHANNELS, GPTConfig, ModelOptions
 from support.data import dataset_dir
 from support.errors import TrainError
 from support.flags import as_flag, flat_fields
-from support.modern_optim import ADAMW_GROUPS, MUON_VARIANTS, WEIGHT_DECAY_SCHEDULES
+from support.modern_optim import ADAMW_GROUPS, MUON_VARIANTS, REFERENCE_WIDTH, WEIGHT_DECAY_SCHEDULES
 
 SHARDS = ("ddp", "fsdp")  # --shard's choices
 OPTIMIZERS = ("adamw", "muon")  # --optimizer's
@@ -83,7 +83,8 @@ def nanochat_rules(n_layer: int, n_head: int, n_embd: int, vocab_size: int, tota
     """The lrs and Muon weight decay nanochat's base_train.py gives this shape and batch (lrs x lr_mult), to 4
     significant digits."""
     batch = (total_batch_size / NANOCHAT_BATCH) ** 0.5
-    ratio = scaling_parameters(12, 6, 768, 32768) / scaling_parameters(n_layer, n_head, n_embd, vocab_size)
+    d12 = scaling_parameters(12, REFERENCE_WIDTH // 128, REFERENCE_WIDTH, 32768)  # heads of 128, its vocab
+    ratio = d12 / scaling_parameters(n_layer, n_head, n_embd, vocab_size)
     values = {**{k: v * batch * lr_mult for k, v in NANOCHAT_LRS.items()},
               "muon_weight_decay": NANOCHAT_WEIGHT_DECAY * batch * ratio}
     return {k: float(f"{v:.4g}") for k, v in values.items()}
@@ -103,7 +104,7 @@ MODERN_ARCHITECTURE = dict(pos_emb="rope", norm="rmsnorm", qk_norm=True, mlp="re
 NANOCHAT_ARCHITECTURE = dict(**MODERN_ARCHITECTURE | dict(logit_softcap=15.0), rope_base=100000.0, qk_gain=1.2,
                              value_embeds=True, layer_scalars=True, smear=True, backout=True, init="nanochat")
 NANOCHAT_OPTIMIZER = dict(
-    optimizer="muon", muon_variant="nanochat", adamw_groups="nanochat", lr_width_scale=True, gate_lr=0.2,
+    optimizer="muon", muon_variant="nanochat", adamw_groups="nanochat", lr_width_scale=True,
     muon_momentum_start=0.85, muon_momentum=0.97, muon_momentum_warmup=400, muon_momentum_end=0.90,
     muon_weight_decay_schedule="cosine", beta1=0.8, beta2=0.95, eps=1e-10, weight_decay=0.0, grad_clip=0.0,
     schedule="wsd", warmup_steps=40, cooldown_frac=0.65, min_lr_ratio=0.05)
@@ -128,6 +129,11 @@ RECIPES = {
         # Adam (betas 0.9/0.95, torch's eps 1e-8) 0.6 on wte, 0.008 on the head, 0.04 on vectors; no weight
         # decay; no warmup; the last 900 of 3000 steps down to 0; no clipping. Its doubled lrs came with its U-net
         # skips, which our model lacks
+        # the ladder's larger presets: nanochat's rules at their shapes and batches (its d12 lrs, the Muon weight
+        # decay smaller for a longer horizon: gpt2-medium 0.087, gpt2-large 0.040, gpt2-xl 0.028 with x1.41 lrs)
+        **{name: nanochat_rules(PRESETS[name]["n_layer"], PRESETS[name]["n_head"], PRESETS[name]["n_embd"], 50304,
+                                PRESETS[name].get("total_batch_size", NANOCHAT_BATCH))
+           for name in ("gpt2-medium", "gpt2-large", "gpt2-xl")},
         "speedrun": dict(**{k: getattr(ModelOptions(), k) for k in NANOCHAT_ARCHITECTURE} | MODERN_ARCHITECTURE,
                          muon_variant="keller", adamw_groups="shared", lr_width_scale=False, muon_lr=0.04,
                          muon_momentum_start=0.85, muon_momentum=0.95, muon_momentum_warmup=500,

@@ -347,7 +347,7 @@ def test_bad_combinations_are_one_line_errors_before_step_0(shards, tmp_path, ca
     run(everything(shards, tmp_path / "nc", steps=2))  # a NorMuon run, resumed with torch's Muon: refused
     err = cli_error(tiny_args(shards, tmp_path / "nc", "--recipe", "modern", *NANOCHAT_FLAGS, *SMALL_LRS, "--resume",
                               "--muon-variant", "keller", steps=4), capsys)
-    assert err.startswith("--resume: the checkpoint's run had --muon-variant nanochat, this run keller")
+    assert err.startswith("--resume: the checkpoint's run had --muon-variant nanochat, this run --muon-variant keller")
 
 
 def test_export_refuses_in_one_line_and_pt_reads_back_everywhere(tmp_path, capsys):

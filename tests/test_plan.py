@@ -15,7 +15,7 @@ import fineweb
 import gpt2
 import train_gpt2 as tg
 from support.data import DATA_DIR, dataset_dir
-from support.planner import block_activation_bytes, saved_activation_bytes
+from support.planner import block_activation_bytes, option_activation_bytes, saved_activation_bytes
 
 # -----------------------------------------------------------------------------
 # presets
@@ -105,6 +105,27 @@ def test_activation_estimate_is_what_autograd_saves(shape, checkpointing):
     estimate = saved_activation_bytes(c, tokens, 4, checkpointing) - (tokens * block if checkpointing else 0)
     estimate += tokens * V * 4  # the log-probabilities, the part of logits_bytes autograd keeps
     assert estimate == pytest.approx(measured, rel=0.15), (estimate, measured)
+
+
+MODERN = dict(pos_emb="rope", norm="rmsnorm", qk_norm=True, mlp="relu2", bias=False, split_qkv=True,
+              tie_embeddings=False, zero_init_proj=True)
+
+
+@pytest.mark.parametrize("option", [dict(value_embeds=True), dict(layer_scalars=True), dict(smear=True),
+                                    dict(backout=True), dict(value_embeds=True, layer_scalars=True, smear=True,
+                                                             backout=True, qk_gain=1.2, init="nanochat")])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_what_nanochats_options_keep_for_backward_is_counted(option, checkpointing):
+    L, C, nh, V, B, T = 4, 128, 4, 2048, 4, 64
+    measured = []
+    for extra in ({}, option):
+        torch.manual_seed(0)
+        model = gpt2.GPT(gpt2.GPTConfig(T, V, L, nh, C, **MODERN, **extra))
+        model.activation_checkpointing = checkpointing
+        measured.append(saved_by_autograd(model, torch.randint(0, V, (B, T)), torch.randint(0, V, (B, T))))
+    config = gpt2.GPTConfig(T, V, L, nh, C, **MODERN, **option)
+    estimate = option_activation_bytes(config) * B * T  # the gates' few values a token are not counted
+    assert estimate == pytest.approx(measured[1] - measured[0], rel=0.1)
 
 
 def plan(*flags: str, capsys) -> str:

@@ -511,10 +511,13 @@ def test_resume_with_another_recipe_is_an_error(shards, tmp_path, capsys):
     assert err == ("--resume: the checkpoint's run had --optimizer muon, this run adamw: pass the flags (or --recipe) "
                    "of the run that wrote it")
     err = cli_error(tiny_args(shards, tmp_path / "r", "--resume", "--optimizer", "muon", steps=4), capsys)
-    assert err == ("--resume: the checkpoint's run had --muon-variant nanochat, this run keller: pass the flags (or "
-                   "--recipe) of the run that wrote it")  # its state: momentum and second moments, or momentum
-    err = cli_error(tiny_args(shards, tmp_path / "r", "--resume", "--optimizer", "muon", "--muon-variant", "nanochat",
-                              steps=4), capsys)
+    assert err == ("--resume: the checkpoint's run had --muon-variant nanochat, this run --muon-variant keller: pass "
+                   "the flags (or --recipe) of the run that wrote it")  # its state: momentum and second moments
+    err = cli_error(tiny_args(shards, tmp_path / "r", *MODERN, "--adamw-groups", "shared", "--resume", steps=4), capsys)
+    assert err.startswith("--resume: the checkpoint's run had --adamw-groups nanochat, this run --adamw-groups shared")
+    same_optimizer = ["--optimizer", "muon", "--muon-variant", "nanochat", "--adamw-groups", "nanochat",
+                      "--lr-width-scale"]
+    err = cli_error(tiny_args(shards, tmp_path / "r", "--resume", *same_optimizer, steps=4), capsys)
     assert err.startswith("--resume: the checkpoint is another model shape (") and "pos_emb: checkpoint rope vs " \
         "this run learned" in err
     run(tiny_args(shards, tmp_path / "r", *MODERN, "--resume", steps=4))  # the same flags: it goes on
