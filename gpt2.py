@@ -16,6 +16,7 @@ the tokenizer, support/tokenizer.py.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -501,10 +502,9 @@ class KVCache:
     def repeat(self, batch_size: int, max_len: int) -> KVCache:
         """A cache of batch_size rows (up to max_len positions), each starting with this one's row: a prefix
         computed once for many continuations."""
-        out = KVCache.__new__(KVCache)
+        out = copy.copy(self)  # every field; the tensors then made anew
         L, _, nh, _, hs = self.k.shape
-        out.k, out.v = (torch.zeros(L, batch_size, nh, max_len, hs, device=t.device, dtype=t.dtype)
-                        for t in (self.k, self.v))
+        out.k, out.v = (t.new_zeros(L, batch_size, nh, max_len, hs) for t in (self.k, self.v))
         out.k[:, :, :, :self.pos], out.v[:, :, :, :self.pos] = self.k[:, :1, :, :self.pos], self.v[:, :1, :, :self.pos]
         out.pos = self.pos
         out.last_embedding = None if self.last_embedding is None else self.last_embedding[:1].expand(batch_size, -1, -1)

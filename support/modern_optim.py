@@ -65,18 +65,16 @@ class NorMuon(torch.optim.Optimizer):
 
     def _update(self, p: torch.Tensor, group: dict) -> None:
         state, m = self.state[p], group["momentum"]
+        dim = 1 if p.size(0) >= p.size(1) else 0  # the longer side's neurons: averaged within each row (or column)
         if not state:
-            rows_side = p.size(0) >= p.size(1)  # normalise over the longer side's neurons: rows of a tall matrix
             state["momentum_buffer"] = torch.zeros_like(p)
-            state["second_moment"] = torch.zeros(p.size(0), 1) if rows_side else torch.zeros(1, p.size(1))
-            state["second_moment"] = state["second_moment"].to(p)
+            state["second_moment"] = p.new_zeros((p.size(0), 1) if dim == 1 else (1, p.size(1)))
         buf = state["momentum_buffer"]
         buf.lerp_(p.grad, 1 - m)
         g = p.grad.lerp(buf, m)  # Nesterov
         dtype = torch.bfloat16 if p.device.type == "cuda" else torch.float32
         g = polar_express(g, dtype).to(p.dtype)
         g = g * (min(g.shape) ** 0.5 / g.float().norm().clamp_min(1e-6))  # Muon+: a semi-orthogonal matrix's norm
-        dim = 1 if p.size(0) >= p.size(1) else 0  # the dimension averaged over: within each row (or column)
         v = g.float().square().mean(dim=dim, keepdim=True)  # (rows, 1) or (1, cols)
         state["second_moment"].lerp_(v.to(p.dtype), 1 - group["beta2"])
         scale = state["second_moment"].clamp_min(1e-10).rsqrt()
