@@ -66,7 +66,7 @@ from support.distributed import (
     setup_precision,
     teardown_distributed,
 )
-from support.errors import one_line
+from support.errors import one_line, report_error
 from support.files import atomic_write
 from support.flags import add_dataclass_flags
 from support.hf import load_model
@@ -695,7 +695,7 @@ def main(argv=None) -> int:
         run_on_every_rank(work, dist)
         return 0
     except (EvalSuiteError, core.CoreError, OSError, ValueError, RuntimeError, KeyError) as e:  # OOM, bad task YAML
-        print(f"eval_suite.py: error: {one_line(e)}", file=sys.stderr)
+        report_error("eval_suite.py", e)
         return 2
     finally:
         teardown_distributed()

@@ -52,7 +52,7 @@ from support.distributed import (
     setup_precision,
     teardown_distributed,
 )
-from support.errors import one_line
+from support.errors import one_line, report_error
 from support.files import download
 from support.flags import add_dataclass_flags
 from support.hf import load_model
@@ -483,7 +483,7 @@ def main(argv=None) -> int:
                   f"acc_norm {res['acc_norm']:.4f}")
         return 0
     except (HellaSwagError, OSError, ValueError, RuntimeError) as e:  # missing checkpoint, unknown model, OOM, ...
-        print(f"hellaswag.py: error: {one_line(e)}", file=sys.stderr)
+        report_error("hellaswag.py", e)
         return 2
     finally:
         teardown_distributed()

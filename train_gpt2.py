@@ -49,7 +49,7 @@ from support.distributed import (
     torchrun_attempt,
     use_tf32,
 )
-from support.errors import TrainError, TrainingDiverged, one_line
+from support.errors import TrainError, TrainingDiverged, one_line, report_error
 from support.flags import add_dataclass_flags
 from support.hf import export_main, read_model
 from support.long_runs import LongRunConfig, SpikeGuard, StopSignal
@@ -788,14 +788,14 @@ def main(argv: list[str] | None = None) -> None:
         else:
             train(parse_train_args(argv))
     except long_runs.NoProgress as e:
-        print(f"train_gpt2.py: error: {one_line(e)}", file=sys.stderr, flush=True)
+        report_error("train_gpt2.py", e)
         long_runs.end_torchrun(agent)
         sys.exit(long_runs.NO_PROGRESS_EXIT)
     except (TrainError, TokenizerError, OSError, ValueError) as e:  # OSError: a full disk, a --log-dir that is a file
-        print(f"train_gpt2.py: error: {one_line(e)}", file=sys.stderr)
+        report_error("train_gpt2.py", e)
         sys.exit(2)
     except TrainingDiverged as e:
-        print(f"train_gpt2.py: error: {one_line(e)}", file=sys.stderr)
+        report_error("train_gpt2.py", e)
         sys.exit(1)
 
 

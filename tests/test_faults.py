@@ -324,3 +324,18 @@ def test_restarts_over_several_nodes_need_a_fresh_store_per_attempt(monkeypatch)
         torchrun_store(4, None)
     monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # what that variable makes torchrun say
     assert torchrun_store(4, None) is None
+
+
+def test_error_lines_from_ranks_sharing_stderr_never_run_together():
+    """Under torchrun every rank writes to the same stderr. print() writes a line's text and its newline apart, so
+    two ranks failing together could print one garbled line; report_error writes each line whole."""
+    code = ("import sys; from support.errors import report_error\n"
+            "for _ in range(3000): report_error('train_gpt2.py', sys.argv[1] * 200)")
+    r, w = os.pipe()
+    procs = [subprocess.Popen([sys.executable, "-c", code, c], cwd=REPO, stderr=w) for c in "ab"]
+    os.close(w)
+    with os.fdopen(r, "rb") as pipe:
+        lines = pipe.read().decode().splitlines()
+    assert [p.wait() for p in procs] == [0, 0]
+    assert len(lines) == 6000
+    assert all(ln in (f"train_gpt2.py: error: {'a' * 200}", f"train_gpt2.py: error: {'b' * 200}") for ln in lines)
