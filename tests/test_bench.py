@@ -5,7 +5,11 @@ identical to the reference's); the speeds themselves are measured by running the
 """
 
 import dataclasses
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +26,8 @@ from bench import (
     bench_train,
 )
 from support.checkpoints import save_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_bench_hellaswag_breakdown(capsys):
@@ -174,3 +180,18 @@ def test_bench_recipe_table_on_tiny_runs(capsys):
     assert m and m[2] == "3,072", out  # reached at the evaluation of step 3: 3 steps x 1,024 tokens
     assert re.search(r"\| modern \| [\d.]+ \| (not reached|[\d,]+) \| (-|\d+%) \| [\d.]+x \|", out), out
     assert "--preset shakespeare, data input.txt, 4 steps of 1,024 tokens | seeds 1" in out
+
+
+def test_docs_text_is_the_same_text_on_every_machine(tmp_path):
+    """The tuning text is built from what is installed: two launches in different environments write the same
+    bytes, the size asked for, with neither the environment's variables nor object addresses in it."""
+    texts = []
+    for i, extra in enumerate(({}, {"SOME_MACHINE_ONLY_VARIABLE": "x" * 50})):
+        out = tmp_path / f"docs{i}.txt"
+        subprocess.run([sys.executable, "bench/docs_text.py", str(out), "--bytes", "300000"], cwd=REPO,
+                       env={**os.environ, **extra}, check=True, capture_output=True)
+        texts.append(out.read_bytes())
+    assert texts[0] == texts[1] and len(texts[0]) == 300_000
+    text = texts[0].decode()
+    assert text.startswith("Module ") and ("os.environ" in text or "cgi" not in sys.stdlib_module_names)  # cgi's
+    assert "SOME_MACHINE_ONLY_VARIABLE" not in text and " at 0x" not in text

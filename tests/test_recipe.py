@@ -127,7 +127,7 @@ def test_recipe_layering_defaults_preset_recipe_flags():
     parse = lambda *a: tg.parse_train_args(list(a))
     cfg = parse("--preset", "shakespeare", "--recipe", "modern", "--muon-lr", "0.05", "--n-layer", "3")
     assert (cfg.n_layer, cfg.muon_lr) == (3, 0.05)  # flags over the preset and over the recipe
-    assert (cfg.embed_lr, cfg.muon_weight_decay) == (0.6364, 0.8213)  # the recipe's values for the preset
+    assert (cfg.embed_lr, cfg.muon_weight_decay, cfg.min_lr_ratio) == (0.4243, 0.8213, 0.5)  # its values for the preset
     assert (cfg.beta1, cfg.eps, cfg.schedule, cfg.optimizer) == (0.8, 1e-10, "wsd", "muon")  # its general ones
     assert (cfg.muon_momentum_warmup, cfg.muon_variant, cfg.adamw_groups) == (400, "nanochat", "nanochat")
     assert (cfg.max_steps, cfg.n_embd, cfg.data) == (594, 32, "input.txt")  # the preset's
@@ -185,9 +185,9 @@ def test_nanochat_rules_are_base_train_pys():
     d_ref = 12 * (12 * 12 * 768 ** 2 + 6 * 12 * 6 + 32768 * 768)  # 6 gates (layers 1, 3, ..., 11) of 12 x 6 heads
     d_quick = 12 * (4 * 12 * 32 ** 2 + 2 * 12 * 2 + 50304 * 32)  # 2 gates (layers 1, 3) of 12 x 2 heads
     batch = (1024 / 2 ** 19) ** 0.5
-    quick = nanochat_rules(4, 2, 32, 50304, 1024, lr_mult=48)
+    quick = nanochat_rules(4, 2, 32, 50304, 1024, lr_mult=32)
     assert quick["muon_weight_decay"] == pytest.approx(0.28 * batch * d_ref / d_quick, rel=1e-3)
-    assert quick["muon_lr"] == pytest.approx(0.02 * batch * 48, rel=1e-3)
+    assert quick["muon_lr"] == pytest.approx(0.02 * batch * 32, rel=1e-3)
     assert recipe_values("modern", "shakespeare")["muon_lr"] == quick["muon_lr"]
 
 
@@ -209,7 +209,7 @@ def test_help_lists_the_recipes_and_their_flags():
         assert flag in help_text, flag
     flat = " ".join(help_text.split())  # argparse wraps the epilog
     assert "Recipes: modern: {'pos_emb': 'rope'," in flat
-    assert "modern for shakespeare: {'muon_lr': 0.04243," in flat and "modern for speedrun: {'pos_emb': 'rope'," in flat
+    assert "modern for shakespeare: {'muon_lr': 0.02828," in flat and "modern for speedrun: {'pos_emb': 'rope'," in flat
     assert "speedrun: {'recipe': 'modern'," in flat  # the preset
 
 
