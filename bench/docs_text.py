@@ -21,6 +21,10 @@ import sys
 import warnings
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: the modules live one level up
+
+from support.files import atomic_write  # noqa: E402
+
 SHAKESPEARE_BYTES = 1_115_394
 SKIPPED = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "test", "lib2to3", "pydoc_data",
            "ensurepip", "venv"}  # side effects on import, a GUI, or tests rather than documentation
@@ -91,9 +95,8 @@ def main(argv=None) -> None:
     p.add_argument("--bytes", type=int, default=SHAKESPEARE_BYTES, help="its size (tiny Shakespeare's, 1,115,394)")
     args = p.parse_args(argv)
     text = docs_text(args.bytes)
-    tmp = Path(args.out).with_name(f".{Path(args.out).name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(args.out)
+    with atomic_write(args.out) as tmp:
+        tmp.write_text(text)
     print(f"wrote {args.out}: {len(text.encode()):,} bytes")
 
 
