@@ -127,7 +127,7 @@ def test_recipe_layering_defaults_preset_recipe_flags():
     parse = lambda *a: tg.parse_train_args(list(a))
     cfg = parse("--preset", "shakespeare", "--recipe", "modern", "--muon-lr", "0.05", "--n-layer", "3")
     assert (cfg.n_layer, cfg.muon_lr) == (3, 0.05)  # flags over the preset and over the recipe
-    assert (cfg.embed_lr, cfg.muon_weight_decay, cfg.min_lr_ratio) == (0.4243, 0.8213, 0.5)  # its values for the preset
+    assert (cfg.embed_lr, cfg.muon_weight_decay, cfg.min_lr_ratio) == (0.4243, 0.8213, 0.15)  # the preset's values
     assert (cfg.beta1, cfg.eps, cfg.schedule, cfg.optimizer) == (0.8, 1e-10, "wsd", "muon")  # its general ones
     assert (cfg.muon_momentum_warmup, cfg.muon_variant, cfg.adamw_groups) == (400, "nanochat", "nanochat")
     assert (cfg.max_steps, cfg.n_embd, cfg.data) == (594, 32, "input.txt")  # the preset's
