@@ -119,11 +119,12 @@ RECIPES = {
         # the quick start's modern twin (4 x 32 wide, 1,024 tokens a step), chosen on four texts' validation splits
         # (tiny Shakespeare, bench/docs_text.py's technical text, the King James Bible, the section-3 man pages;
         # seed 1337, val at step 593): nanochat's rules at this batch give lrs too small for 594 steps (5.55 on
-        # Shakespeare); x32 of them (x16 and x48 worse on the first two), no softcap (at 32 wide the logits stay far
-        # from 15: 4.690 without, 4.698 with; capping 50304-wide logits costs 20% of a step here), and the cooldown
-        # to 15% of the peak: the run reads its text about twice, and a lower floor fits it more closely, which two
-        # of the texts' splits punish and two reward (mean of the four: 5% 3.736, 15% 3.712, 30% 3.737, 50% 3.856).
-        # Reported on text none of this was chosen on (docs/fast-track.md)
+        # Shakespeare); x32 of them (the lowest mean over the first two texts at the 15% floor and without one; x48
+        # lower on Shakespeare alone, x16 on the mean at 5%), no softcap (at 32 wide the logits stay far from 15:
+        # 4.690 without, 4.698 with; capping 50304-wide logits costs 20% of a step here), and the cooldown to 15% of
+        # the peak: the run reads its text about twice, and a lower floor fits it more closely, which two of the
+        # texts' splits punish and two reward (mean of the four: 5% 3.736, 15% 3.712, 30% 3.737, 50% 3.856).
+        # Reported on texts none of this was chosen on (docs/fast-track.md)
         "shakespeare": dict(**nanochat_rules(4, 2, 32, 50304, 1024, lr_mult=32), logit_softcap=0.0, min_lr_ratio=0.15),
         # modded-nanogpt's record 11 (records/track_1_short/2024-11-10_UNetDoubleLr, the script in its log), in
         # full over the general values: record 10's architecture (softcap 30, rotary base 10,000, none of
