@@ -1,8 +1,9 @@
 """
-A technical text the modern recipe's quick-start values were chosen on, beside tiny Shakespeare and the King
-James Bible: the documentation of Python's standard library (each module's docstring, then its classes',
-functions' and methods' with their signatures), then numpy's functions', cut to tiny Shakespeare's 1,115,394
-bytes. Built offline from what is installed, so the same Python and numpy give the same text.
+A technical text the modern recipe's quick-start values were chosen on, beside tiny Shakespeare, the King James
+Bible and the section-3 manual pages: the documentation of Python's standard library (each module's docstring,
+then its classes', functions' and methods' with their signatures), then numpy's functions', cut to tiny
+Shakespeare's 1,115,394 bytes. Built offline from what is installed, so the same Python and numpy give the same
+text.
 
     python bench/docs_text.py docs.txt
     python bench/bench_recipe.py --data docs.txt
@@ -90,7 +91,7 @@ def docs_text(size: int = SHAKESPEARE_BYTES) -> str:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1].strip())
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     p.add_argument("out", help="the text file to write")
     p.add_argument("--bytes", type=int, default=SHAKESPEARE_BYTES, help="its size (tiny Shakespeare's, 1,115,394)")
     args = p.parse_args(argv)
